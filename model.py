@@ -1,0 +1,381 @@
+"""A LLaMA-style decoder with a SkipGPT router before every attention and every MLP sublayer.
+
+Read top to bottom: the model's shape (ModelArgs), RMSNorm, rotary embeddings, the KV cache,
+grouped-query attention, the SwiGLU MLP, the routed block, the whole Transformer, and loading.
+With routing off (routing=None) this is exactly Llama; with routing on, each block reads
+
+    h   = x + g_attn * Attention(attention_norm(x))
+    out = h + g_mlp  * MLP(ffn_norm(h))
+
+where g is a per-token 0/1 gate from router.py. That masked form is the reference: the skipped
+sublayer still runs, its output multiplied by 0. It is what stage 1 trains with (the gate's
+straight-through gradient needs the skipped output). Names follow Meta's llama code.
+
+References:
+- LLaMA: Touvron et al. 2023, arXiv 2302.13971; Meta's llama3 model.py (names, GQA, RoPE scaling)
+- RoPE: Su et al. 2021, arXiv 2104.09864 (rotate-half layout, as Hugging Face stores q/k)
+- SkipGPT: Zhao et al., ICML 2025, arXiv 2506.04179
+"""
+import json
+import math
+from dataclasses import dataclass, asdict, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from errors import UserError
+from router import Router, RouterConfig, Routing
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 576
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3              # grouped-query attention: n_heads / n_kv_heads queries share a K/V head
+    head_dim: int = 64               # not always dim / n_heads
+    hidden_dim: int = 1536           # SwiGLU width (HF intermediate_size)
+    vocab_size: int = 49152
+    norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    rope_scaling: dict | None = None  # Llama 3.1/3.2 "llama3" scaling: factor, low/high_freq_factor, original_max_position_embeddings
+    max_seq_len: int = 8192
+    tie_embeddings: bool = True      # output head shares tok_embeddings' weight
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict):
+        """From a Hugging Face config.json (published Llama 3.x form or transformers' newer form)."""
+        if cfg.get("model_type") != "llama":
+            raise UserError(f"not a Llama config: model_type is {cfg.get('model_type')!r}, expected 'llama'")
+        for flag in ("attention_bias", "mlp_bias"):
+            if cfg.get(flag):
+                raise UserError(f"unsupported Llama variant: config sets {flag}=true (this model has no biases)")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise UserError(f"unsupported activation {cfg['hidden_act']!r}: Llama uses silu")
+        # rope settings: "rope_theta" + "rope_scaling" (Llama 3.x files) or "rope_parameters" (newer transformers)
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        if rope_type == "default":
+            scaling = None
+        elif rope_type == "llama3":
+            scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                            "original_max_position_embeddings")}
+        else:
+            raise UserError(f"unsupported rope_type {rope_type!r} (supported: default, llama3)")
+        n_heads = cfg["num_attention_heads"]
+        return cls(
+            dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=cfg.get("tie_word_embeddings", False))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalize in fp32 (bf16 sums of squares lose precision), scale, then back to x's dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embeddings (rotate-half layout)
+
+def rope_frequencies(args: ModelArgs):
+    """Inverse frequencies (head_dim/2,), with Llama 3's long-context rescaling when configured."""
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    sc = args.rope_scaling
+    if sc:
+        # llama3: keep high frequencies, divide low ones by `factor`, blend smoothly in between
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen = sc["original_max_position_embeddings"] / sc["low_freq_factor"]
+        high_wavelen = sc["original_max_position_embeddings"] / sc["high_freq_factor"]
+        smooth = (sc["original_max_position_embeddings"] / wavelen - sc["low_freq_factor"]) / (
+            sc["high_freq_factor"] - sc["low_freq_factor"])
+        blended = (1 - smooth) * inv_freq / sc["factor"] + smooth * inv_freq
+        inv_freq = torch.where(wavelen > low_wavelen, inv_freq / sc["factor"],
+                               torch.where(wavelen < high_wavelen, inv_freq, blended))
+    return inv_freq.float()
+
+
+def rope_cos_sin(args: ModelArgs, length):
+    """cos, sin tables (length, head_dim) for positions 0..length-1."""
+    t = torch.arange(length, dtype=torch.float32)
+    angles = torch.outer(t, rope_frequencies(args))          # (length, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)            # (length, head_dim), rotate-half layout
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x (B, heads, T, head_dim); cos/sin broadcastable to it. Rotates pairs (i, i + head_dim/2)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Static KV cache: preallocated, written in place at the current positions
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # evict semantics: which cached tokens may be attended to (all True under "keep")
+        self.register_buffer("keep", torch.ones(batch_size, max_len, dtype=torch.bool, device=device),
+                             persistent=False)
+
+    def update(self, start_pos, k, v, keep=None):
+        """Write k, v (B, n_kv, T, hd) at positions start_pos.. and return the whole prefix."""
+        B, T = k.shape[0], k.shape[2]
+        end = start_pos + T
+        self.k[:B, :, start_pos:end] = k
+        self.v[:B, :, start_pos:end] = v
+        if keep is not None:
+            self.keep[:B, start_pos:end] = keep
+        return self.k[:B, :, :end], self.v[:B, :, :end], self.keep[:B, :end]
+
+
+# ----------------------------------------------------------------------------------------------
+# The two sublayers
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cache = None
+
+    def forward(self, x, cos, sin, start_pos=0, key_keep=None):
+        """x (B, T, dim) at positions start_pos..start_pos+T-1; cos/sin (T, head_dim).
+
+        key_keep (B, T) bool, "evict" semantics only: False marks tokens that write no usable K/V.
+        """
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k, v, key_keep_all = self.cache.update(start_pos, k, v, key_keep)
+            if key_keep is not None:
+                key_keep = key_keep_all
+        S = k.shape[2]  # number of keys: start_pos + T
+        if key_keep is None and (start_pos == 0 or T == 1):
+            mask, causal = None, T > 1  # plain causal prefill, or one new token that sees every cached key
+        else:
+            # query i (absolute position start_pos + i) sees keys j <= start_pos + i ...
+            q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
+            k_pos = torch.arange(S, device=x.device)
+            mask = (k_pos[None, :] <= q_pos[:, None])[None, None]                  # (1, 1, T, S)
+            if key_keep is not None:
+                # ... and, under eviction, only keys that were kept, or itself
+                mask = mask & (key_keep[:, None, None, :] | (k_pos[None, :] == q_pos[:, None])[None, None])
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). w1 = gate_proj, w3 = up_proj, w2 = down_proj."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# The routed block
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+        self.attention_router = None  # Router modules, added by Transformer.add_routers()
+        self.ffn_router = None
+        self.router_cfg = None
+
+    def forward(self, x, cos, sin, start_pos=0, routing: Routing | None = None):
+        if routing is None or self.attention_router is None:  # the plain Llama block
+            h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+            return h + self.feed_forward(self.ffn_norm(h))
+        protected = self.layer_id < self.router_cfg.protect_first
+        g_attn = self._gate(self.attention_router, x, routing, 0, protected)           # (B, T)
+        key_keep = (g_attn > 0.5) if self.router_cfg.kv == "evict" else None
+        h = x + g_attn[..., None].to(x.dtype) * self.attention(self.attention_norm(x), cos, sin, start_pos, key_keep)
+        router_in = x if self.router_cfg.mlp_input == "block" else h
+        g_mlp = self._gate(self.ffn_router, router_in, routing, 1, protected)         # (B, T)
+        out = h + g_mlp[..., None].to(x.dtype) * self.feed_forward(self.ffn_norm(h))
+        routing.gates.append((g_attn, g_mlp))
+        return out
+
+    def _gate(self, router, x, routing, module, protected):
+        if protected:  # always executes; no router decision (and no gradient to its router)
+            return torch.ones(x.shape[:2], device=x.device)
+        return routing.gate(router(x), self.layer_id, module)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.router_cfg = None
+        self.routing_offset = 0.0  # calibrated logit offset of loaded routers (router.calibrate_offset)
+        self.tokenizer = None     # set by from_checkpoint
+        self.source = {}          # what was loaded (paths, fingerprints), for runs to record
+        self._rope_len = 0
+
+    # --- routers -------------------------------------------------------------------------------
+    def add_routers(self, cfg: RouterConfig):
+        """Put a fresh attention router and MLP router in every block."""
+        self.router_cfg = cfg
+        device = self.tok_embeddings.weight.device
+        for layer in self.layers:
+            layer.attention_router = Router(self.args.dim, cfg).to(device)
+            layer.ffn_router = Router(self.args.dim, cfg).to(device)
+            layer.router_cfg = cfg
+        return self
+
+    def router_state_dict(self):
+        return {k: v for k, v in self.state_dict().items() if "_router." in k}
+
+    # --- rope tables, grown on demand so a 128k-context model does not allocate them all -------
+    def _rope(self, end, device):
+        if end > self._rope_len or self.rope_cos.device != device:
+            length = max(end, min(self.args.max_seq_len, 4096))
+            cos, sin = rope_cos_sin(self.args, length)
+            self.register_buffer("rope_cos", cos.to(device), persistent=False)
+            self.register_buffer("rope_sin", sin.to(device), persistent=False)
+            self._rope_len = length
+        return self.rope_cos, self.rope_sin
+
+    # --- KV cache --------------------------------------------------------------------------------
+    def setup_cache(self, batch_size, max_len, dtype=None):
+        p = self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch_size, max_len, self.args.n_kv_heads, self.args.head_dim,
+                                            dtype or p.dtype, p.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    # --- forward ---------------------------------------------------------------------------------
+    def forward(self, tokens, targets=None, routing: Routing | None = None, start_pos: int = 0):
+        """tokens (B, T) -> (logits (B, T, vocab), loss or None).
+
+        targets (B, T): next-token ids, -1 where no loss is wanted (padding).
+        routing: None runs the dense model; a Routing routes every sublayer and collects the gates.
+        start_pos: position of tokens[:, 0]; > 0 only with a KV cache (setup_cache).
+        """
+        B, T = tokens.shape
+        if start_pos + T > self.args.max_seq_len:
+            raise UserError(f"sequence of {start_pos + T} tokens exceeds the model's max_seq_len {self.args.max_seq_len}")
+        cos, sin = self._rope(start_pos + T, tokens.device)
+        cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
+        if routing is not None:
+            routing.gates = []
+        h = self.tok_embeddings(tokens)                               # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, cos, sin, start_pos, routing)
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h), None
+        logits = self.output(h)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # --- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, tokens, max_new_tokens, temperature=1.0, top_k=None, routing=None,
+                 stop_ids=(), use_cache=True, on_token=None):
+        """Autoregressive sampling. tokens (B, T) prompt -> (B, T + n) with n <= max_new_tokens.
+
+        temperature 0 is greedy. With use_cache the prompt is prefilled once and each new token
+        is a one-token forward against the cache; without it every step reruns the whole prefix
+        (the slow reference, which must give the same tokens).
+        """
+        B, T = tokens.shape
+        total = T + max_new_tokens
+        if use_cache:
+            self.setup_cache(B, total)
+        try:
+            seq, pos = tokens, 0
+            done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+            for _ in range(max_new_tokens):
+                inp = seq[:, pos:] if use_cache else seq
+                logits, _ = self(inp, routing=routing, start_pos=pos if use_cache else 0)
+                if use_cache:
+                    pos = seq.shape[1]
+                logits = logits[:, -1, :].float()
+                if temperature == 0:
+                    nxt = logits.argmax(-1, keepdim=True)
+                else:
+                    logits = logits / temperature
+                    if top_k:
+                        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    nxt = torch.multinomial(logits.softmax(-1), 1)
+                seq = torch.cat([seq, nxt], dim=1)
+                if on_token is not None:
+                    on_token(nxt, routing)
+                if stop_ids:
+                    done |= torch.isin(nxt[:, 0], torch.tensor(list(stop_ids), device=nxt.device))
+                    if done.all():
+                        break
+            return seq
+        finally:
+            if use_cache:
+                self.clear_cache()
+
+    # --- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu"):
+        """Load a converted model, a stage-1 run or a stage-2 run, ready to use, with its tokenizer."""
+        from checkpoint import load_model  # the checkpoint formats live in one place
+        return load_model(path, device=device)
