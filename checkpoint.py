@@ -102,6 +102,7 @@ class StagingDir:
 
     def __enter__(self):
         self.path = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}.tmp"))
+        self.path.chmod(0o755)  # mkdtemp makes it private; a model directory is an ordinary one
         return self.path
 
     def __exit__(self, exc_type, exc, tb):

@@ -286,7 +286,7 @@ class Transformer(nn.Module):
 
     # --- rope tables, grown on demand so a 128k-context model does not allocate them all -------
     def _rope(self, end, device):
-        if end > self._rope_len or self.rope_cos.device != device:
+        if end > self._rope_len or getattr(self, "rope_cos", None) is None or self.rope_cos.device != device:
             length = max(end, min(self.args.max_seq_len, 4096))
             cos, sin = rope_cos_sin(self.args, length)
             self.register_buffer("rope_cos", cos.to(device), persistent=False)

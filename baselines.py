@@ -1,0 +1,103 @@
+"""Static layer pruning baselines: ShortGPT block removal and attention drop.
+
+ShortGPT (Men et al. 2024, arXiv 2403.03853) scores each block by its Block Influence
+    BI_l = 1 - mean_t cos(x_l[t], x_{l+1}[t])
+on calibration text (x_l: the residual stream entering block l) and removes the n blocks with the
+lowest BI: the ones that change the stream least. Attention drop (He et al. 2024, "What matters in
+transformers? Not all attention is needed", arXiv 2406.15786) removes the attention sublayers
+whose input and output are most similar. Both are static: every token loses the same modules.
+The pruned models really lack the removed modules, so they also run faster (bench.py).
+"""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def similarities(model, windows, batch_size=8):
+    """Mean cosine similarity per block between (block input, block output) and between
+    (attention input, attention output), i.e. x vs h = x + attn(...). -> (block_cos, attn_cos), (L,) each."""
+    L = model.args.n_layers
+    block_cos, attn_cos, n = torch.zeros(L), torch.zeros(L), 0
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(windows), batch_size):
+        tokens = windows[i:i + batch_size, :-1].to(model.tok_embeddings.weight.device)
+        T = tokens.shape[1]
+        cos, sin = model._rope(T, tokens.device)
+        x = model.tok_embeddings(tokens)
+        for l, layer in enumerate(model.layers):
+            h = x + layer.attention(layer.attention_norm(x), cos[:T], sin[:T])
+            out = h + layer.feed_forward(layer.ffn_norm(h))
+            attn_cos[l] += F.cosine_similarity(x.float(), h.float(), dim=-1).sum().cpu()
+            block_cos[l] += F.cosine_similarity(x.float(), out.float(), dim=-1).sum().cpu()
+            x = out
+        n += tokens.numel()
+    model.train(was_training)
+    return block_cos / n, attn_cos / n
+
+
+def block_influence(model, windows):
+    """BI_l = 1 - mean cos(x_l, x_{l+1}). Low BI = the block barely changes the stream."""
+    return 1 - similarities(model, windows)[0]
+
+
+def remove_blocks(model, drop):
+    """A copy of the model without the blocks in `drop` (weights shared, not copied)."""
+    pruned = copy.copy(model)          # shallow: shares every tensor with the original
+    nn.Module.__init__(pruned)         # fresh module registry, filled below
+    for name, module in model.named_children():
+        setattr(pruned, name, module)
+    pruned.layers = nn.ModuleList(layer for i, layer in enumerate(model.layers) if i not in set(drop))
+    pruned.args = copy.copy(model.args)
+    pruned.args.n_layers = len(pruned.layers)
+    pruned.removed_blocks = sorted(drop)
+    return pruned
+
+
+class NoAttention(nn.Module):
+    """Stands in for a removed attention sublayer: contributes nothing, costs nothing."""
+
+    def forward(self, x, *args, **kwargs):
+        return torch.zeros_like(x)
+
+
+def drop_attention(model, drop):
+    """A copy of the model whose blocks in `drop` have no attention sublayer."""
+    pruned = remove_blocks(model, [])
+    layers = []
+    for i, layer in enumerate(model.layers):
+        if i in set(drop):
+            layer = copy.copy(layer)
+            nn.Module.__init__(layer)
+            for name, module in model.layers[i].named_children():
+                setattr(layer, name, module)
+            layer.attention = NoAttention()
+        layers.append(layer)
+    pruned.layers = nn.ModuleList(layers)
+    pruned.dropped_attention = sorted(drop)
+    return pruned
+
+
+def shortgpt(model, windows, n_blocks):
+    """Remove the n_blocks lowest-BI blocks. -> (pruned model, removed block indices, BI)."""
+    bi = block_influence(model, windows)
+    drop = bi.argsort()[:n_blocks].tolist()
+    return remove_blocks(model, drop), sorted(drop), bi
+
+
+def attention_drop(model, windows, n_modules):
+    """Remove the n_modules attention sublayers with the most similar input and output."""
+    attn_cos = similarities(model, windows)[1]
+    drop = attn_cos.argsort(descending=True)[:n_modules].tolist()
+    return drop_attention(model, drop), sorted(drop), attn_cos
+
+
+def blocks_for_param_sparsity(n_layers, param_sparsity):
+    """ShortGPT blocks to remove for the nearest parameter sparsity (ties: fewer blocks)."""
+    import math
+    exact = param_sparsity * n_layers
+    lower = math.floor(exact)
+    return lower if exact - lower <= 0.5 else lower + 1

@@ -1,0 +1,260 @@
+"""Plumbing shared by the training scripts and tools: settings, devices, DDP, data, validation, runs.
+
+Kept in one place so train_stage1.py and train_stage2.py differ only where the stages differ.
+
+The validation protocol (used by every tool, so the same model shows the same perplexity
+everywhere): VAL_WINDOWS windows of VAL_BLOCK tokens, evenly spaced over the held-out plays'
+tokens (val.bin), each scored on all its next-token predictions. No random sampling.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from errors import UserError
+
+ROOT = Path(__file__).resolve().parent
+VAL_WINDOWS = 40     # fixed validation windows ...
+VAL_BLOCK = 256      # ... of this many tokens each
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings: a dataclass whose fields (with a "help" in their metadata) become command-line flags
+
+def setting(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def parse_settings(cls, description, argv=None, presets=None):
+    """Build an argparse parser from a settings dataclass, parse argv, return an instance.
+
+    presets: {name: {field: value}} selected with --recipe NAME, applied before explicit flags.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = type(f.default)
+        if f.type in ("bool", bool) or kind is bool:
+            parser.add_argument(f"--{f.name}", type=_parse_bool, default=None, metavar="BOOL",
+                                help=f"{f.metadata.get('help', '')} (default: {f.default})")
+        else:
+            conv = {int: int, float: float}.get(kind, str)
+            choices = f.metadata.get("choices")
+            parser.add_argument(f"--{f.name}", type=conv, default=None, choices=choices,
+                                help=f"{f.metadata.get('help', '')} (default: {f.default})")
+
+    class Exit(Exception):
+        pass
+
+    def error(message):  # argparse's own error prints usage + message; we want one line, exit 2
+        raise UserError(f"{message} (see --help)")
+
+    parser.error = error
+    ns = parser.parse_args(argv)
+    values = {}
+    recipe = getattr(ns, "recipe", None) or getattr(cls, "recipe", None)
+    if presets is not None and recipe is not None:
+        if recipe not in presets:
+            raise UserError(f"unknown recipe {recipe!r}; choose one of {sorted(presets)}")
+        values.update(presets[recipe])
+    values.update({k: v for k, v in vars(ns).items() if v is not None})
+    return cls(**values), {k for k, v in vars(ns).items() if v is not None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices, precision, DDP
+
+def setup_device(device="auto", dtype="auto"):
+    """-> (device, dtype name, autocast context). CUDA gets bf16 autocast; a CPU stays in fp32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available (use --device cpu)")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if dtype == "float32":
+        ctx = contextlib.nullcontext()
+    else:
+        ctx = torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+    return device, dtype, ctx
+
+
+def setup_ddp():
+    """torchrun sets RANK/WORLD_SIZE: join the process group. -> (rank, world_size, local_rank)."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return rank, world, local
+
+
+def all_reduce_mean(x, world):
+    if world > 1:
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.SUM)
+        x /= world
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+def load_split(data_dir, split, tokenizer):
+    import assets
+    return assets.load_tokens(data_dir, split, tokenizer)
+
+
+def get_batch(data, batch_size, block_size, generator, device):
+    """Random windows of block_size + 1 tokens -> inputs x and next-token targets y, (B, T)."""
+    if len(data) <= block_size + 1:
+        raise UserError(f"the data has {len(data)} tokens, fewer than --block_size {block_size} + 1")
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
+    chunk = torch.stack([torch.from_numpy(data[i:i + block_size + 1].astype(np.int64)) for i in ix.tolist()])
+    return chunk[:, :-1].to(device), chunk[:, 1:].to(device)
+
+
+def val_windows(val_data, n=VAL_WINDOWS, block=VAL_BLOCK):
+    """The fixed validation windows: n windows of block + 1 tokens, evenly spaced. (n, block + 1)."""
+    if len(val_data) < block + 1:
+        raise UserError(f"validation data has {len(val_data)} tokens, fewer than one window of {block + 1}")
+    starts = np.linspace(0, len(val_data) - block - 1, n).astype(np.int64)
+    return torch.stack([torch.from_numpy(val_data[s:s + block + 1].astype(np.int64)) for s in starts])
+
+
+@torch.no_grad()
+def evaluate(model, windows, routing_factory=None, batch_size=8, ctx=contextlib.nullcontext(), device="cpu",
+             progress=None):
+    """Mean next-token loss over the windows, and routing statistics when routing.
+
+    routing_factory: None for the dense model, else a callable returning a fresh Routing.
+    -> {"loss", "ppl", and with routing the router.routing_stats fields}
+    """
+    from router import routing_stats
+    was_training = model.training
+    model.eval()
+    total, count, gates = 0.0, 0, []
+    batches = range(0, len(windows), batch_size)
+    for i in (progress(batches) if progress else batches):
+        w = windows[i:i + batch_size].to(device)
+        routing = routing_factory() if routing_factory else None
+        with ctx:
+            logits, _ = model(w[:, :-1], routing=routing)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1), reduction="sum")
+        total += loss.item()
+        count += w[:, 1:].numel()
+        if routing is not None:
+            gates.append(routing.gate_tensor().float().cpu())
+    model.train(was_training)
+    out = {"loss": total / count, "ppl": math.exp(total / count)}
+    if gates:
+        out.update(routing_stats(torch.cat(gates, dim=2), model.args, model.router_cfg.kv))
+    return out
+
+
+def dense_val_loss(model, windows, ctx, device, cache_dir):
+    """The dense model's validation loss, cached beside the data (it is the same for every run)."""
+    import hashlib
+    key = f"{model.source.get('fingerprint')}-{hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:12]}"
+    cache = Path(cache_dir) / "dense_val_cache.json"
+    table = json.loads(cache.read_text()) if cache.exists() else {}
+    if key not in table:
+        table[key] = evaluate(model, windows, None, ctx=ctx, device=device)
+        try:
+            cache.write_text(json.dumps(table, indent=1))
+        except OSError:
+            pass  # a read-only data directory only costs the recomputation
+    return table[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+
+def lr_at(it, max_iters, lr, schedule, warmup_iters, min_lr_frac=0.1):
+    if schedule == "constant":
+        return lr
+    if it < warmup_iters:
+        return lr * (it + 1) / warmup_iters
+    progress = (it - warmup_iters) / max(1, max_iters - warmup_iters)
+    return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def linear(it, max_iters, start, end):
+    """Linear interpolation from start (step 0) to end (last step)."""
+    return start + (end - start) * min(1.0, it / max(1, max_iters - 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs: a directory with config.json, the trained tensors, resume state and a JSONL log
+
+class JsonlLog:
+    def __init__(self, path, enabled=True):
+        self.path, self.enabled = Path(path), enabled
+
+    def write(self, **record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def read(self):
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def prepare_out_dir(out_dir, resume, overwrite, what):
+    """Never destroy an earlier run silently: resume it, overwrite it on request, or refuse."""
+    out_dir = Path(out_dir)
+    exists = (out_dir / "config.json").exists() or (out_dir / "ckpt.pt").exists()
+    if resume:
+        if not (out_dir / "ckpt.pt").exists():
+            raise UserError(f"--resume: no run to resume in {out_dir} (no ckpt.pt)")
+        return out_dir
+    if exists and not overwrite:
+        raise UserError(f"{out_dir} already holds a {what} run; pass --resume true to continue it, "
+                        f"--overwrite true to replace it, or --out_dir to start a new one")
+    if exists:
+        import shutil
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_flops_per_token(args, seq_len):
+    """Forward FLOPs per token of the dense model: 2 per weight (matmuls) + attention scores."""
+    from router import block_params
+    weights = block_params(args) * args.n_layers + args.dim * args.vocab_size
+    attn = 2 * 2 * args.n_layers * args.n_heads * args.head_dim * seq_len / 2  # QK^T and AV, causal average
+    return 2 * weights + attn
+
+
+def fmt_time(seconds):
+    return time.strftime("%M:%S", time.gmtime(seconds)) if seconds < 3600 else f"{seconds / 3600:.1f}h"
