@@ -202,6 +202,41 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
+    def forward_sparse(self, x, execute, cos, sin, start_pos=0, key_keep=None):
+        """The fast path: K and V for every token, Q, scores and wo only for executing tokens.
+
+        x (B, T, dim) normalized input; execute (B, T) bool. Returns the attention output for the
+        executing tokens only, as (rows (b_idx, t_idx), out (N, dim)); the caller adds it back.
+        """
+        B, T, _ = x.shape
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # every token: later
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # queries may attend to it
+        k = apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k, v, key_keep_all = self.cache.update(start_pos, k, v, key_keep)
+            if key_keep is not None:
+                key_keep = key_keep_all
+        b_idx, t_idx = execute.nonzero(as_tuple=True)                               # (N,), (N,)
+        if b_idx.numel() == 0:
+            return (b_idx, t_idx), None
+        # pack each sequence's executing queries to the left: slot = rank among its row's executing tokens
+        slot = (execute.cumsum(1) - 1)[b_idx, t_idx]
+        n_q = int(slot.max()) + 1                                                    # longest row
+        q = self.wq(x[b_idx, t_idx])                                                 # (N, nh*hd): only executing rows
+        q = apply_rope(q.view(-1, self.n_heads, self.head_dim), cos[t_idx, None], sin[t_idx, None])
+        q_pad = x.new_zeros(B, n_q, self.n_heads, self.head_dim)
+        q_pad[b_idx, slot] = q
+        pos = torch.zeros(B, n_q, dtype=torch.long, device=x.device)                 # padded slots: position 0
+        pos[b_idx, slot] = t_idx + start_pos
+        k_pos = torch.arange(k.shape[2], device=x.device)
+        mask = k_pos[None, None, :] <= pos[:, :, None]                               # (B, n_q, S) causal by true position
+        if key_keep is not None:
+            mask = mask & (key_keep[:, None, :] | (k_pos[None, None, :] == pos[:, :, None]))
+        y = F.scaled_dot_product_attention(q_pad.transpose(1, 2), k, v, attn_mask=mask[:, None],
+                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, nh, n_q, hd)
+        y = y.transpose(1, 2)[b_idx, slot].reshape(-1, self.n_heads * self.head_dim)   # (N, nh*hd)
+        return (b_idx, t_idx), self.wo(y)
+
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x). w1 = gate_proj, w3 = up_proj, w2 = down_proj."""
@@ -236,19 +271,54 @@ class TransformerBlock(nn.Module):
             h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
             return h + self.feed_forward(self.ffn_norm(h))
         protected = self.layer_id < self.router_cfg.protect_first
-        g_attn = self._gate(self.attention_router, x, routing, 0, protected)           # (B, T)
+        g_attn = self._gate(self.attention_router, x, routing, 0, protected, start_pos)  # (B, T)
         key_keep = (g_attn > 0.5) if self.router_cfg.kv == "evict" else None
         h = x + g_attn[..., None].to(x.dtype) * self.attention(self.attention_norm(x), cos, sin, start_pos, key_keep)
         router_in = x if self.router_cfg.mlp_input == "block" else h
-        g_mlp = self._gate(self.ffn_router, router_in, routing, 1, protected)         # (B, T)
+        g_mlp = self._gate(self.ffn_router, router_in, routing, 1, protected, start_pos)  # (B, T)
         out = h + g_mlp[..., None].to(x.dtype) * self.feed_forward(self.ffn_norm(h))
         routing.gates.append((g_attn, g_mlp))
         return out
 
-    def _gate(self, router, x, routing, module, protected):
+    def forward_fast(self, x, cos, sin, start_pos, routing: Routing):
+        """Same result as forward(), but skipped sublayers do not run (inference, stage 2).
+
+        Each sublayer runs on the gathered (batch, time) rows that execute it, and its output is
+        added back into those rows of the residual stream. One host sync per sublayer (the count).
+        """
+        protected = self.layer_id < self.router_cfg.protect_first
+        g_attn = self._gate(self.attention_router, x, routing, 0, protected, start_pos)    # (B, T)
+        g_mlp = None
+        if self.router_cfg.mlp_input == "block":  # decided from x: known before attention runs
+            g_mlp = self._gate(self.ffn_router, x, routing, 1, protected, start_pos)
+        execute = g_attn > 0.5
+        key_keep = execute if self.router_cfg.kv == "evict" else None
+        xn = self.attention_norm(x)
+        n_exec = int(execute.sum())
+        if n_exec == execute.numel() and key_keep is None:
+            h = x + self.attention(xn, cos, sin, start_pos)          # everyone executes: the dense path
+        else:
+            (b_idx, t_idx), out = self.attention.forward_sparse(xn, execute, cos, sin, start_pos, key_keep)
+            h = x if out is None else x.index_put((b_idx, t_idx), out.to(x.dtype), accumulate=True)
+        if g_mlp is None:
+            g_mlp = self._gate(self.ffn_router, h, routing, 1, protected, start_pos)
+        execute = g_mlp > 0.5
+        n_exec = int(execute.sum())
+        if n_exec == execute.numel():
+            out = h + self.feed_forward(self.ffn_norm(h))
+        elif n_exec == 0:
+            out = h
+        else:
+            b_idx, t_idx = execute.nonzero(as_tuple=True)
+            rows = h[b_idx, t_idx]                                                     # (N, dim)
+            out = h.index_put((b_idx, t_idx), self.feed_forward(self.ffn_norm(rows)).to(h.dtype), accumulate=True)
+        routing.gates.append((g_attn, g_mlp))
+        return out
+
+    def _gate(self, router, x, routing, module, protected, start_pos=0):
         if protected:  # always executes; no router decision (and no gradient to its router)
             return torch.ones(x.shape[:2], device=x.device)
-        return routing.gate(router(x), self.layer_id, module)
+        return routing.gate(router(x), self.layer_id, module, start_pos)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,8 +391,9 @@ class Transformer(nn.Module):
         if routing is not None:
             routing.gates = []
         h = self.tok_embeddings(tokens)                               # (B, T, dim)
+        fast = routing is not None and routing.fast and self.router_cfg is not None
         for layer in self.layers:
-            h = layer(h, cos, sin, start_pos, routing)
+            h = layer.forward_fast(h, cos, sin, start_pos, routing) if fast else layer(h, cos, sin, start_pos, routing)
         h = self.norm(h)
         if targets is None:
             return self.output(h), None

@@ -98,16 +98,23 @@ class Routing:
           "sample" (the authors' inference: Gumbel sampling at tau = 1, no gradient),
           "force" (decisions given in `force`, for tests and benchmarks).
     offset: added to (logit0 - logit1) in "hard" mode; > 0 executes more. calibrate_offset() sets it.
-    force: (n_layers, 2, B, T) 0/1 decisions; index 0 = attention, 1 = MLP.
+    force: (n_layers, 2, B, T_total) 0/1 decisions by absolute position; index 0 = attention, 1 = MLP.
+    fast: run only the sublayers that execute (model.py's gather/scatter path) instead of masking
+          their outputs. Same result, less work; needs no gradient through the gates, so not "gumbel".
     gates: filled by the forward pass, one (g_attn, g_mlp) pair of (B, T) tensors per layer.
     """
     mode: str = "hard"
     tau: float = 1.0
     offset: float = 0.0
     force: torch.Tensor | None = None
+    fast: bool = False
     gates: list = field(default_factory=list)
 
-    def gate(self, logits, layer, module):
+    def __post_init__(self):
+        if self.fast and self.mode == "gumbel":
+            raise ValueError("the fast path cannot train routers: their gradient needs the skipped outputs")
+
+    def gate(self, logits, layer, module, start_pos=0):
         if self.mode == "gumbel":
             return gumbel_gate(logits, self.tau)
         if self.mode == "hard":
@@ -116,7 +123,7 @@ class Routing:
             with torch.no_grad():
                 return gumbel_gate(logits, 1.0)
         if self.mode == "force":
-            return self.force[layer, module].to(logits.device, torch.float32)
+            return self.force[layer, module][:, start_pos:start_pos + logits.shape[1]].to(logits.device, torch.float32)
         raise ValueError(f"unknown routing mode {self.mode!r}")
 
     def gate_tensor(self):

@@ -1,0 +1,183 @@
+"""SkipGPT routing: the gate, the sparsity loss, the masked reference path and the fast path."""
+import math
+
+import pytest
+import torch
+
+from model import ModelArgs, Transformer
+from router import (RouterConfig, Routing, block_params, calibrate_offset, gumbel_gate, module_params,
+                    routing_stats, sparsity_loss)
+from tiny import tiny_model
+
+ARGS = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, vocab_size=101, max_seq_len=64)
+
+
+def routed_model(seed=0, **router):
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**ARGS)).eval()
+    return model.add_routers(RouterConfig(**{"protect_first": 0, **router}))
+
+
+def test_gumbel_gate_is_exactly_binary_and_has_gradient():
+    logits = torch.randn(64, 2, requires_grad=True)
+    g = gumbel_gate(logits, tau=2.0)
+    assert set(g.unique().tolist()) <= {0.0, 1.0}
+    (g * torch.arange(64.0)).sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_execute_everything_is_the_dense_model_exactly():
+    model = routed_model()
+    x = torch.randint(0, 101, (2, 16))
+    dense, _ = model(x)
+    ones = torch.ones(3, 2, 2, 16)
+    routed, _ = model(x, routing=Routing(mode="force", force=ones))
+    assert torch.equal(dense, routed)
+    fast, _ = model(x, routing=Routing(mode="force", force=ones, fast=True))
+    assert torch.equal(dense, fast)
+
+
+def test_skip_everything_is_embeddings_norm_head():
+    model = routed_model()
+    x = torch.randint(0, 101, (2, 16))
+    zeros = torch.zeros(3, 2, 2, 16)
+    ref = model.output(model.norm(model.tok_embeddings(x)))
+    for fast in (False, True):
+        out, _ = model(x, routing=Routing(mode="force", force=zeros, fast=fast))
+        assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_protected_blocks_always_execute():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**ARGS)).eval().add_routers(RouterConfig(protect_first=2))
+    r = Routing(mode="force", force=torch.zeros(3, 2, 1, 8))
+    model(torch.randint(0, 101, (1, 8)), routing=r)
+    g = r.gate_tensor()
+    assert g[:2].eq(1).all() and g[2].eq(0).all()
+
+
+@pytest.mark.parametrize("weighting", ["modules", "params"])
+def test_sparsity_loss_matches_hand_computation(weighting):
+    args = ModelArgs(**ARGS)
+    gates = torch.tensor([[[[1., 0, 1, 1]], [[0., 0, 1, 1]]],      # layer 0: attn skips 1/4, mlp 2/4
+                          [[[1., 1, 1, 1]], [[1., 1, 1, 0]]],      # layer 1: attn 0, mlp 1/4
+                          [[[0., 0, 0, 0]], [[1., 1, 1, 1]]]])     # layer 2: attn 1, mlp 0
+    wa, wm = module_params(args, "keep")
+    loss, s = sparsity_loss(gates, 0.3, 8.0, weighting, "global", (wa, wm))
+    attn = [0.25, 0.0, 1.0]
+    mlp = [0.5, 0.25, 0.0]
+    if weighting == "modules":
+        expected = (sum(attn) + sum(mlp)) / 6
+    else:
+        expected = (wa * sum(attn) + wm * sum(mlp)) / (3 * (wa + wm))
+    assert s.item() == pytest.approx(expected, rel=1e-6)
+    assert loss.item() == pytest.approx(8.0 * abs(0.3 - expected), rel=1e-4, abs=1e-6)
+    # per-layer budget: mean over layers of |target - s_l|
+    loss_pl, _ = sparsity_loss(gates, 0.3, 8.0, weighting, "per_layer", (wa, wm))
+    w = (1, 1) if weighting == "modules" else (wa, wm)
+    per_layer = [(w[0] * a + w[1] * m) / (w[0] + w[1]) for a, m in zip(attn, mlp)]
+    assert loss_pl.item() == pytest.approx(8.0 * sum(abs(0.3 - p) for p in per_layer) / 3, rel=1e-6)
+
+
+def test_param_sparsity_counts_kv_projections_as_executed_under_keep():
+    args = ModelArgs(**ARGS)
+    gates = torch.ones(3, 2, 1, 4)
+    gates[:, 0] = 0  # every attention skipped
+    st_keep = routing_stats(gates, args, "keep")
+    st_evict = routing_stats(gates, args, "evict")
+    q = args.n_heads * args.head_dim
+    assert st_keep["param_sparsity"] == pytest.approx(2 * args.dim * q / block_params(args))
+    assert st_evict["param_sparsity"] > st_keep["param_sparsity"]
+    assert st_keep["attn_skip"] == 1.0 and st_keep["mlp_skip"] == 0.0
+
+
+@pytest.mark.parametrize("kv", ["keep", "evict"])
+@pytest.mark.parametrize("mlp_input", ["block", "post_attn"])
+def test_routing_is_causal(kv, mlp_input):
+    model = routed_model(kv=kv, mlp_input=mlp_input)
+    with torch.no_grad():  # make the routers decisive so both kinds of decision occur
+        for layer in model.layers:
+            for r in (layer.attention_router, layer.ffn_router):
+                r.proj.weight.mul_(20)
+    x = torch.randint(0, 101, (1, 24))
+    y = x.clone()
+    y[0, 12:] = torch.randint(0, 101, (12,))
+    for fast in (False, True):
+        ra, rb = Routing(fast=fast), Routing(fast=fast)
+        a, _ = model(x, routing=ra)
+        b, _ = model(y, routing=rb)
+        assert torch.allclose(a[:, :12], b[:, :12], atol=1e-5)
+        assert torch.equal(ra.gate_tensor()[..., :12], rb.gate_tensor()[..., :12])
+        g = ra.gate_tensor()
+        assert 0 < g.mean() < 1  # decisions of both kinds were exercised
+
+
+@pytest.mark.parametrize("kv", ["keep", "evict"])
+@pytest.mark.parametrize("skip", [0.0, 0.4, 1.0])
+def test_fast_path_equals_masked_path(kv, skip):
+    model = routed_model(kv=kv)
+    torch.manual_seed(1)
+    B, T = 3, 20
+    x = torch.randint(0, 101, (B, T))
+    force = (torch.rand(3, 2, B, T) >= skip).float()
+    masked, _ = model(x, routing=Routing(mode="force", force=force))
+    fast, _ = model(x, routing=Routing(mode="force", force=force, fast=True))
+    assert (masked - fast).abs().max() < 1e-4
+    # decode against the KV cache, in chunks and one token at a time, batched and batch 1
+    for batch in (slice(0, B), slice(1, 2)):
+        for fast_path in (True, False):
+            model.setup_cache(B, T)
+            outs, pos = [], 0
+            for n in (8, 1, 1, 5, 5):
+                f = force[:, :, batch]
+                o, _ = model(x[batch, pos:pos + n], routing=Routing(mode="force", force=f, fast=fast_path), start_pos=pos)
+                outs.append(o)
+                pos += n
+            model.clear_cache()
+            assert (torch.cat(outs, 1) - masked[batch]).abs().max() < 1e-4
+
+
+def test_fast_path_flops_follow_the_analytic_count():
+    from torch.utils.flop_counter import FlopCounterMode
+    model = routed_model()
+    args = model.args
+    x = torch.randint(0, 101, (1, 32))
+    force = torch.ones(3, 2, 1, 32)
+    force[:, 1, :, ::2] = 0   # half the tokens skip every MLP
+    force[:, 0, :, 1::4] = 0  # a quarter skip every attention
+    flops = {}
+    for name, f in (("dense", torch.ones_like(force)), ("routed", force)):
+        with FlopCounterMode(display=False) as fc:
+            model(x, routing=Routing(mode="force", force=f, fast=True))
+        flops[name] = fc.get_total_flops()
+    # saved: MLP matmuls of 16 tokens x 3 layers, wq + wo of 8 tokens x 3 layers (scores counted separately)
+    q = args.n_heads * args.head_dim
+    saved_matmul = 3 * (16 * 2 * 3 * args.dim * args.hidden_dim + 8 * 2 * 2 * args.dim * q)
+    assert flops["dense"] - flops["routed"] >= saved_matmul
+
+
+def test_cached_routed_generation_equals_uncached():
+    model = routed_model()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention_router.proj.weight.mul_(20)
+            layer.ffn_router.proj.weight.mul_(20)
+    prompt = torch.randint(0, 101, (2, 6))
+    for fast in (False, True):
+        a = model.generate(prompt, 15, temperature=0, routing=Routing(fast=fast), use_cache=True)
+        b = model.generate(prompt, 15, temperature=0, routing=Routing(fast=fast), use_cache=False)
+        assert torch.equal(a, b)
+
+
+def test_calibrated_offset_hits_the_requested_sparsity():
+    model = tiny_model(n_layers=4).eval().add_routers(RouterConfig(protect_first=0))
+    windows = torch.randint(0, 260, (8, 65))
+
+    def measure(offset):
+        r = Routing(mode="hard", offset=offset)
+        model(windows[:, :-1], routing=r)
+        return routing_stats(r.gate_tensor(), model.args)["param_sparsity"]
+
+    for target in (0.1, 0.3, 0.5):
+        offset = calibrate_offset(measure, target, lo=-30, hi=30, iters=30)
+        assert measure(offset) == pytest.approx(target, abs=0.02)
