@@ -149,13 +149,17 @@ def calibrate(model, windows, target, weighting, ctx, device):
     return calibrate_offset(measure, target, lo=-8.0, hi=8.0, iters=12)
 
 
-def save_run(out_dir, model, s, it, optimizer, gen, offset, final=False):
-    """config.json + routers.safetensors (what the run is) and ckpt.pt (how to resume it), atomically."""
+def save_run(out_dir, model, s, it, optimizer, rngs, offset, final=False):
+    """config.json + routers.safetensors (what the run is) and ckpt.pt (how to resume it), atomically.
+
+    rngs: (torch RNG state, batch generator state) as they were when step `it` began, so a resumed
+    run draws the same batches and Gumbel noise as an uninterrupted one.
+    """
     cfg = {"format": "stage1", "base": base_reference(model), "router": model.router_cfg.to_dict(),
            "offset": offset, "iter": it, "finished": final, "settings": dataclasses.asdict(s)}
     atomic_save_tensors(model.router_state_dict(), out_dir / "routers.safetensors")
-    atomic_torch_save({"iter": it, "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                       "batch_rng": gen.get_state()}, out_dir / "ckpt.pt")
+    atomic_torch_save({"iter": it, "optimizer": optimizer.state_dict(), "rng": rngs[0],
+                       "batch_rng": rngs[1]}, out_dir / "ckpt.pt")
     atomic_write_text(out_dir / "config.json", json.dumps(cfg, indent=2))
 
 
@@ -180,13 +184,14 @@ def main(argv=None):
         raise UserError(f"--init_from {init_dir} already has routers; stage 1 starts from a converted base model")
     for p in model.parameters():
         p.requires_grad_(False)  # frozen: no weight gradients are ever computed for the base
+    torch.manual_seed(s.seed)  # the same router init on every DDP process: a run is reproducible from its seed
     model.add_routers(s.router_config())
+    torch.manual_seed(s.seed + rank)  # but each process draws its own Gumbel noise
     router_params = [p for n, p in model.named_parameters() if "_router." in n]
     weights = module_params(model.args, s.kv)
     optimizer = torch.optim.AdamW(router_params, lr=s.learning_rate, weight_decay=s.weight_decay)
     start_iter = 0
     gen = torch.Generator().manual_seed(s.seed + rank)
-    torch.manual_seed(s.seed + rank)
     if s.resume:
         cfg = json.loads((out_dir / "config.json").read_text())
         if cfg["base"]["fingerprint"] != model.source["fingerprint"]:
@@ -232,6 +237,7 @@ def main(argv=None):
     # -- training loop
     model.train()
     t0, it, last = time.time(), start_iter, {}
+    done, step_rngs = start_iter, (rng_state(), gen.get_state())  # what a resume must restore
     bar = tqdm(range(start_iter, s.max_iters), initial=start_iter, total=s.max_iters, desc="stage 1",
                disable=not master, dynamic_ncols=True)
     try:
@@ -254,6 +260,7 @@ def main(argv=None):
                 torch.nn.utils.clip_grad_norm_(router_params, s.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            done, step_rngs = it + 1, (rng_state(), gen.get_state())
             last = {k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}
             bar.set_postfix(loss=f"{last['loss']:.3f}", task=f"{last['task']:.3f}", ce=f"{last['ce']:.2f}",
                             sp=f"{last['sparsity']:.3f}", tau=f"{last['tau']:.2f}")
@@ -263,16 +270,19 @@ def main(argv=None):
                 st = validate(it + 1, s.eval_iters)
                 bar.write(f"step {it + 1}: val loss {st['loss']:.3f} (ppl {st['ppl']:.1f}), "
                           f"param sparsity {st['param_sparsity']:.3f} (attn {st['attn_skip']:.3f}, mlp {st['mlp_skip']:.3f})")
-                save_run(out_dir, model, s, it + 1, optimizer, gen, 0.0)
+                save_run(out_dir, model, s, done, optimizer, step_rngs, 0.0)
         it = s.max_iters
     except KeyboardInterrupt:
-        if master:
-            save_run(out_dir, model, s, it, optimizer, gen, 0.0)
-            print(f"\ninterrupted at step {it}; saved. Continue with: python train_stage1.py --out_dir {out_dir} --resume true",
+        if master:  # an unfinished step is redone on resume: save the state after the last whole step
+            optimizer.zero_grad(set_to_none=True)
+            save_run(out_dir, model, s, done, optimizer, step_rngs, 0.0)
+            print(f"\ninterrupted after step {done}; saved. Continue with: python train_stage1.py --out_dir {out_dir} --resume true",
                   file=sys.stderr)
         sys.exit(130)
     bar.close()
     train_time = time.time() - t0
+    if master:
+        save_run(out_dir, model, s, done, optimizer, step_rngs, 0.0)
     if not master:
         torch.distributed.destroy_process_group()
         return
@@ -283,7 +293,7 @@ def main(argv=None):
         print("calibrating the routing offset on training text ...")
         offset = calibrate(model, calibration_windows(train_data), s.target_sparsity, s.weighting, ctx, device)
     model.routing_offset = offset
-    save_run(out_dir, model, s, s.max_iters, optimizer, gen, offset, final=True)
+    save_run(out_dir, model, s, s.max_iters, optimizer, (rng_state(), gen.get_state()), offset, final=True)
     summary = final_report(model, s, windows, offset, ctx, device, init_dir, out_dir, train_time,
                            n_tok * (s.max_iters - start_iter))
     if world > 1:

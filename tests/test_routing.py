@@ -179,5 +179,5 @@ def test_calibrated_offset_hits_the_requested_sparsity():
         return routing_stats(r.gate_tensor(), model.args)["param_sparsity"]
 
     for target in (0.1, 0.3, 0.5):
-        offset = calibrate_offset(measure, target, lo=-30, hi=30, iters=30)
+        offset = calibrate_offset(measure, target, lo=-30, hi=30, iters=20)
         assert measure(offset) == pytest.approx(target, abs=0.02)

@@ -10,7 +10,7 @@ from model import ModelArgs, Transformer
 from tokenizer import GPT2_PATTERN, Tokenizer
 
 TINY = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, vocab_size=260,
-            max_seq_len=128, rope_theta=10000.0)
+            max_seq_len=512, rope_theta=10000.0)
 
 
 def byte_tokenizer():
@@ -22,7 +22,7 @@ def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
     model = Transformer(ModelArgs(**{**TINY, **overrides}))
     with torch.no_grad():
-        model.tok_embeddings.weight.normal_(0, 1.0)
+        model.tok_embeddings.weight.normal_(0, 0.3)  # logits of a sensible size with tied embeddings
     return model
 
 

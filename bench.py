@@ -1,0 +1,339 @@
+"""Measure what skipping really saves: tokens/s, FLOPs and bytes, dense vs routed vs statically pruned.
+
+    python bench.py                                  # default model, random routing at 0 / 25 / 40 / 50% sparsity
+    python bench.py --routers out/stage1             # trained routers, offsets calibrated to each sparsity
+    python bench.py --threads 1 --repeats 7          # thread count and repetitions are reported
+    python bench.py --quick                          # a fast smoke run (small shapes, 2 repeats)
+
+Variants, timed interleaved (each repetition runs every variant once, in rotating order, so drifts of
+this shared machine hit all alike; the median is reported):
+    dense    the plain model
+    masked   routing the way training does it: every sublayer runs, skipped outputs are x 0 (saves nothing)
+    fast     only executing rows run each sublayer (model.py forward_fast): the real saving
+    shortgpt the same parameter sparsity by removing whole blocks (baselines.py): the static reference
+Regimes: prefill of 128 and 512 tokens; decode of batch 1 after 128 and 512 tokens of context;
+decode of batch 8 after 128. "sparsity" is the share of block parameters skipped per token.
+Ideal speedups: prefill is FLOP-bound, so ideal = dense FLOPs / variant FLOPs; decode is bound by
+reading weights, so ideal = dense weight bytes / variant weight bytes per step (a module's weights
+are read if any sequence of the batch executes it). efficiency = the share of the ideal time
+saving achieved, (t_dense - t) / (t_dense - t_dense / ideal).
+The last stdout line is one JSON object.
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+import assets
+from errors import UserError, cli
+from model import Transformer
+from router import RouterConfig, Routing, block_params, module_params
+
+
+# torch counts no FLOPs for the CPU attention kernel; count 2 matmuls of (Tq x S x head_dim) per head
+@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    b, h, tq, d = query_shape
+    return 2 * 2 * b * h * tq * key_shape[-2] * d
+
+
+def analytic_flops(args, exec_attn, exec_mlp, n_queries, n_keys, routers=True):
+    """Forward FLOPs per token given the executed fractions (per layer lists) of attention and MLP.
+
+    K/V projections run for every token; wq, scores and wo for executing queries; scores counted as
+    the kernel computes them (n_queries x n_keys per sequence, masked entries included).
+    """
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    per_token = 2 * args.dim * args.vocab_size                                 # the head
+    for fa, fm in zip(exec_attn, exec_mlp):
+        per_token += 2 * 2 * args.dim * kv                                      # wk, wv
+        per_token += fa * (2 * 2 * args.dim * q + 2 * 2 * q * n_keys)           # wq + wo, QK^T + AV
+        per_token += fm * 2 * 3 * args.dim * args.hidden_dim
+        if routers:
+            per_token += 2 * 2 * args.dim * 2
+    return per_token
+
+
+def weight_bytes(args, attn_read, mlp_read, bytes_per_param, routers=True):
+    """Weight bytes read per decode step; attn_read/mlp_read: per layer, whether any row executes it."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    total = args.dim * args.vocab_size + args.dim                              # head (tied embedding) + final norm
+    for a, m in zip(attn_read, mlp_read):
+        total += 2 * args.dim + 2 * args.dim * kv + a * 2 * args.dim * q + m * 3 * args.dim * args.hidden_dim
+        if routers:
+            total += 2 * (2 * args.dim + 2)
+    return total * bytes_per_param
+
+
+def random_decisions(args, skip_prob, batch, length, generator):
+    """(L, 2, B, T) 0/1: each (layer, module, token) executes with probability 1 - skip_prob."""
+    return (torch.rand(args.n_layers, 2, batch, length, generator=generator) >= skip_prob).float()
+
+
+def skip_prob_for(args, param_sparsity, kv="keep"):
+    """Skip probability (same for attention and MLP) that skips param_sparsity of block parameters."""
+    wa, wm = module_params(args, kv)
+    p = param_sparsity * block_params(args) / (wa + wm)
+    if p > 1:
+        raise UserError(f"sparsity {param_sparsity} is out of reach with K/V kept (max {(wa + wm) / block_params(args):.3f})")
+    return p
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def run_prefill(model, tokens, routing_fn):
+    model(tokens, routing=routing_fn())
+
+
+@torch.no_grad()
+def run_decode(model, context, steps, routing_fn, device):
+    """Prefill (untimed) then `steps` one-token forwards (timed). Returns seconds for the steps."""
+    B, C = context.shape
+    model.setup_cache(B, C + steps)
+    try:
+        logits, _ = model(context, routing=routing_fn())
+        nxt = logits[:, -1:].argmax(-1)
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            logits, _ = model(nxt, routing=routing_fn(), start_pos=C + i)
+            nxt = logits[:, -1:].argmax(-1)
+        sync(device)
+        return time.perf_counter() - t0
+    finally:
+        model.clear_cache()
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="converted model (default: the bundled SmolLM2-135M)")
+    p.add_argument("--routers", default=None, help="stage-1/2 run: trained routers instead of random decisions")
+    p.add_argument("--sparsities", default="0,0.25,0.4,0.5", help="parameter sparsities to measure")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per variant (median reported)")
+    p.add_argument("--decode_steps", type=int, default=32, help="decoded tokens per decode measurement")
+    p.add_argument("--regimes", default="prefill128,prefill512,decode128,decode512,decode128x8",
+                   help="comma list of prefillT, decodeC (batch 1) and decodeCxB")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
+    p.add_argument("--quick", action="store_true", help="small shapes and 2 repeats: a smoke test")
+    p.add_argument("--plot", default="out/bench.png", help="PNG of measured vs ideal speedup")
+    p.add_argument("--seed", type=int, default=0)
+    p.error = lambda msg: (_ for _ in ()).throw(UserError(f"{msg} (see --help)"))
+    a = p.parse_args(argv)
+    if a.quick:
+        a.repeats, a.decode_steps, a.regimes = 2, 4, "prefill64,decode64,decode32x4"
+    if a.repeats < 1:
+        raise UserError("--repeats must be >= 1")
+    return a
+
+
+def parse_regime(name):
+    if name.startswith("prefill"):
+        return {"name": name, "kind": "prefill", "length": int(name[7:]), "batch": 1}
+    if name.startswith("decode"):
+        ctx, _, batch = name[6:].partition("x")
+        return {"name": name, "kind": "decode", "length": int(ctx), "batch": int(batch or 1)}
+    raise UserError(f"unknown regime {name!r}: use prefillT, decodeC or decodeCxB")
+
+
+def main(argv=None):
+    a = parse(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}.get(a.dtype)
+    if dtype is None:
+        raise UserError(f"--dtype must be auto, float32 or bfloat16, got {a.dtype!r}")
+    sparsities = [float(s) for s in a.sparsities.split(",")]
+    regimes = [parse_regime(r) for r in a.regimes.split(",")]
+    model = Transformer.from_checkpoint(a.routers or a.model or assets.ensure_default_model(), device=device)
+    model = model.to(dtype).eval()
+    args = model.args
+    trained = model.router_cfg is not None
+    if not trained:  # random decisions need routers to exist (they cost what trained ones cost)
+        model.add_routers(RouterConfig(protect_first=0))
+        model.to(dtype)
+    kv = model.router_cfg.kv
+    bpp = torch.finfo(dtype).bits // 8
+    gen = torch.Generator().manual_seed(a.seed)
+    from baselines import blocks_for_param_sparsity, remove_blocks
+
+    print(f"bench: {model.source.get('path')} | {'trained routers ' + a.routers if trained else 'random routing'} | "
+          f"{device} {str(dtype).replace('torch.', '')} | {torch.get_num_threads()} threads | "
+          f"{a.repeats} repeats, median", file=sys.stderr)
+
+    offsets = {}
+    if trained:
+        offsets = calibrate_offsets(model, sparsities, device)
+
+    results = []
+    for reg in regimes:
+        B, T = reg["batch"], reg["length"]
+        steps = a.decode_steps if reg["kind"] == "decode" else 0
+        tokens = torch.randint(0, args.vocab_size, (B, T), generator=gen).to(device)
+        # variants: name -> (model, routing factory, decisions (L, 2, B, T_total) or None)
+        variants = {"dense": (model, lambda: None, None, 0.0)}
+        for s in sparsities:
+            if trained:
+                mk = lambda fast, off=offsets[s]: (lambda: Routing(mode="hard", offset=off, fast=fast))
+                dec = None
+            else:
+                dec = random_decisions(args, skip_prob_for(args, s, kv), B, T + steps, gen).to(device)
+                mk = lambda fast, d=dec: (lambda: Routing(mode="force", force=d, fast=fast))
+            variants[f"fast@{s:g}"] = (model, mk(True), dec, s)
+            if s == sparsities[min(1, len(sparsities) - 1)]:  # masked once: it saves nothing at any sparsity
+                variants[f"masked@{s:g}"] = (model, mk(False), dec, s)
+            n = blocks_for_param_sparsity(args.n_layers, s)
+            if n > 0:  # ShortGPT at the nearest block count (which blocks does not change the speed)
+                drop = list(range(args.n_layers // 2 - n // 2, args.n_layers // 2 - n // 2 + n))
+                variants[f"shortgpt@{s:g}"] = (remove_blocks(model, drop), lambda: None, None, n / args.n_layers)
+
+        times = {name: [] for name in variants}
+        names = list(variants)
+        for rep in range(a.repeats + 1):  # repetition 0 warms up
+            order = names[rep % len(names):] + names[:rep % len(names)]
+            for name in order:
+                m, routing_fn, _, _ = variants[name]
+                if reg["kind"] == "prefill":
+                    sync(device)
+                    t0 = time.perf_counter()
+                    run_prefill(m, tokens, routing_fn)
+                    sync(device)
+                    dt = time.perf_counter() - t0
+                else:
+                    dt = run_decode(m, tokens, steps, routing_fn, device)
+                if rep > 0:
+                    times[name].append(dt)
+        n_tok = B * T if reg["kind"] == "prefill" else B * steps
+        t_dense = statistics.median(times["dense"]) / n_tok
+        for name, (m, routing_fn, dec, s) in variants.items():
+            t = statistics.median(times[name]) / n_tok
+            row = measure_costs(reg, name, m, routing_fn, tokens, steps, device, bpp, kv, variants["dense"][0])
+            row.update(variant=name.split("@")[0], regime=reg["name"], sparsity=s,
+                       tokens_per_s=1 / t, speedup=t_dense / t)
+            ideal = row["ideal_speedup"]
+            row["efficiency"] = (t_dense - t) / (t_dense - t_dense / ideal) if ideal > 1.0001 else float("nan")
+            results.append(row)
+        print_table([r for r in results if r["regime"] == reg["name"]])
+
+    if a.plot:
+        plot(results, a.plot)
+        print(f"figure: {a.plot}", file=sys.stderr)
+    summary = {"results": results, "device": device, "dtype": str(dtype).replace("torch.", ""),
+               "threads": torch.get_num_threads(), "repeats": a.repeats, "routers": a.routers,
+               "model": model.source.get("path")}
+    for r in results:  # JSON has no NaN: an undefined efficiency (no ideal saving) becomes null
+        r.update({k: None for k, v in r.items() if isinstance(v, float) and math.isnan(v)})
+    print(json.dumps(summary))
+
+
+@torch.no_grad()
+def measure_costs(reg, name, m, routing_fn, tokens, steps, device, bpp, kv, dense_model):
+    """FLOPs (counted and analytic), executed parameters, weight bytes and KV bytes for one variant."""
+    args = m.args
+    B, T = tokens.shape
+    variant = name.split("@")[0]
+    routed = variant in ("fast", "masked")
+    counter = FlopCounterMode(display=False)
+    if reg["kind"] == "prefill":
+        routing = routing_fn()
+        with counter:
+            m(tokens, routing=routing)
+        n_tok, n_q, n_k = B * T, T, T
+    else:  # one decode step after the context
+        m.setup_cache(B, T + 1)
+        try:
+            m(tokens, routing=routing_fn())
+            routing = routing_fn()
+            with counter:
+                m(tokens[:, -1:], routing=routing, start_pos=T)
+        finally:
+            m.clear_cache()
+        n_tok, n_q, n_k = B, 1, T + 1
+    L = args.n_layers
+    if routing is not None and routing.gates:
+        g = routing.gate_tensor().float()                       # (L, 2, B, t)
+        exec_attn, exec_mlp = g[:, 0].mean((1, 2)).tolist(), g[:, 1].mean((1, 2)).tolist()
+        read_attn, read_mlp = g[:, 0].amax((1, 2)).tolist(), g[:, 1].amax((1, 2)).tolist()
+    else:
+        exec_attn = exec_mlp = read_attn = read_mlp = [1.0] * L
+    counts_as_run = variant == "fast"  # masked runs everything whatever the gates say
+    fa, fm = (exec_attn, exec_mlp) if counts_as_run else ([1.0] * L, [1.0] * L)
+    ra, rm = (read_attn, read_mlp) if counts_as_run else ([1.0] * L, [1.0] * L)
+    flops = analytic_flops(args, fa, fm, n_q, n_k, routers=routed)
+    dense_flops = analytic_flops(dense_model.args, [1.0] * dense_model.args.n_layers,
+                                 [1.0] * dense_model.args.n_layers, n_q, n_k, routers=False)
+    wbytes = weight_bytes(args, ra, rm, bpp, routers=routed)
+    dense_wbytes = weight_bytes(dense_model.args, [1.0] * dense_model.args.n_layers,
+                                [1.0] * dense_model.args.n_layers, bpp, routers=False)
+    wa, wm = module_params(args, kv)
+    executed = sum(wa * a + wm * b for a, b in zip(fa, fm)) + (block_params(args) - wa - wm) * L
+    kv_bytes = 2 * L * args.n_kv_heads * args.head_dim * (T + steps) * B * bpp
+    return {"flops_per_token": flops, "flops_counted_per_token": counter.get_total_flops() / n_tok,
+            "executed_param_fraction": executed / (block_params(dense_model.args) * dense_model.args.n_layers),
+            "weight_bytes_per_step": wbytes, "kv_cache_bytes": kv_bytes,
+            "kv_bytes_needed": kv_bytes * (statistics.mean(exec_attn) if kv == "evict" and variant == "fast" else 1),
+            "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
+            "ideal_basis": "flops" if reg["kind"] == "prefill" else "weight_bytes",
+            "ideal_speedup": dense_flops / flops if reg["kind"] == "prefill" else dense_wbytes / wbytes}
+
+
+def calibrate_offsets(model, sparsities, device):
+    """Offsets that make the trained routers skip each requested parameter sparsity (random text)."""
+    from router import calibrate_offset, routing_stats
+    windows = torch.randint(0, model.args.vocab_size, (2, 128), generator=torch.Generator().manual_seed(1)).to(device)
+
+    @torch.no_grad()
+    def measure(offset):
+        r = Routing(mode="hard", offset=offset, fast=True)
+        model(windows, routing=r)
+        return routing_stats(r.gate_tensor(), model.args, model.router_cfg.kv)["param_sparsity"]
+    return {s: calibrate_offset(measure, s, -10, 10, 14) for s in sparsities}
+
+
+def print_table(rows):
+    print(f"\n{'regime':<12} {'variant':<9} {'sparsity':>8} {'tok/s':>9} {'speedup':>8} {'ideal':>7} "
+          f"{'effic.':>7} {'GFLOP/tok':>10} {'counted':>8} {'params':>7} {'MB/step':>8}")
+    for r in rows:
+        eff = "" if math.isnan(r["efficiency"]) else f"{r['efficiency']:.0%}"
+        print(f"{r['regime']:<12} {r['variant']:<9} {r['sparsity']:>8.2f} {r['tokens_per_s']:>9.1f} "
+              f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x {eff:>7} {r['flops_per_token'] / 1e9:>10.3f} "
+              f"{r['flops_counted_per_token'] / 1e9:>8.3f} {r['executed_param_fraction']:>7.2f} "
+              f"{r['weight_bytes_per_step'] / 1e6:>8.1f}")
+
+
+def plot(results, path):
+    import plots  # noqa: F401  (sets the Agg backend)
+    import matplotlib.pyplot as plt
+    regimes = list(dict.fromkeys(r["regime"] for r in results))
+    fig, axes = plt.subplots(1, len(regimes), figsize=(4 * len(regimes), 3.6), squeeze=False)
+    for ax, reg in zip(axes[0], regimes):
+        for variant, style in (("fast", "o-"), ("masked", "s"), ("shortgpt", "^--")):
+            rows = sorted((r for r in results if r["regime"] == reg and r["variant"] == variant), key=lambda r: r["sparsity"])
+            if rows:
+                ax.plot([r["sparsity"] for r in rows], [r["speedup"] for r in rows], style, label=f"{variant} measured")
+                if variant == "fast":
+                    ax.plot([r["sparsity"] for r in rows], [r["ideal_speedup"] for r in rows], ":", color="gray", label="fast ideal")
+        ax.axhline(1.0, color="black", lw=0.5)
+        ax.set_title(reg), ax.set_xlabel("parameter sparsity"), ax.set_ylabel("speedup vs dense"), ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    cli(main)
