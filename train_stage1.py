@@ -108,7 +108,7 @@ class Settings:
                             init=self.router_init, kv=self.kv, protect_first=self.protect_first)
 
 
-# The paper's recipe, exactly (SPEC.md): raw residual input, Kaiming weight + zero bias, module-count
+# The paper's recipe, exactly: raw residual input, Kaiming weight + zero bias, module-count
 # sparsity, alpha 8, constant lr 2e-3, CE loss, no warm-up, no protected blocks, no calibration.
 RECIPES = {
     "skipgpt": {},
@@ -226,7 +226,7 @@ def main(argv=None):
               f"{f' x{world}' if world > 1 else ''}")
         if s.recipe == "paper":
             print("recipe paper: raw router input, zero-bias init, module-count sparsity, CE, no warm-up, "
-                  "no protected blocks (SPEC.md: expect a collapse in a short run)")
+                  "no protected blocks (expect a collapse in a short run: see README)")
 
     def validate(it, n_windows):
         st = evaluate(model, windows[:n_windows], lambda: Routing(mode="hard"), ctx=ctx, device=device)
