@@ -95,9 +95,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalize in fp32 (bf16 sums of squares lose precision), scale, then back to x's dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).type_as(x)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,8 +203,8 @@ class Attention(nn.Module):
     def forward_sparse(self, x, execute, cos, sin, start_pos=0, key_keep=None):
         """The fast path: K and V for every token, Q, scores and wo only for executing tokens.
 
-        x (B, T, dim) normalized input; execute (B, T) bool. Returns the attention output for the
-        executing tokens only, as (rows (b_idx, t_idx), out (N, dim)); the caller adds it back.
+        x (B, T, dim) normalized input; execute (B, T) bool. Returns (rows, out): rows (N,) indices
+        into the flattened (B*T) tokens that execute, out (N, dim) their attention output, or None.
         """
         B, T, _ = x.shape
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # every token: later
@@ -216,26 +214,33 @@ class Attention(nn.Module):
             k, v, key_keep_all = self.cache.update(start_pos, k, v, key_keep)
             if key_keep is not None:
                 key_keep = key_keep_all
-        b_idx, t_idx = execute.nonzero(as_tuple=True)                               # (N,), (N,)
-        if b_idx.numel() == 0:
-            return (b_idx, t_idx), None
-        # pack each sequence's executing queries to the left: slot = rank among its row's executing tokens
-        slot = (execute.cumsum(1) - 1)[b_idx, t_idx]
-        n_q = int(slot.max()) + 1                                                    # longest row
-        q = self.wq(x[b_idx, t_idx])                                                 # (N, nh*hd): only executing rows
-        q = apply_rope(q.view(-1, self.n_heads, self.head_dim), cos[t_idx, None], sin[t_idx, None])
-        q_pad = x.new_zeros(B, n_q, self.n_heads, self.head_dim)
-        q_pad[b_idx, slot] = q
-        pos = torch.zeros(B, n_q, dtype=torch.long, device=x.device)                 # padded slots: position 0
-        pos[b_idx, slot] = t_idx + start_pos
+        rows = execute.view(-1).nonzero().squeeze(1)                               # (N,) in B*T
+        if rows.numel() == 0:
+            return rows, None
+        b_idx, t_idx = rows // T, rows % T
+        q = self.wq(x.reshape(B * T, -1).index_select(0, rows))                     # (N, nh*hd): executing rows only
+        q = apply_rope(q.view(-1, self.n_heads, self.head_dim),
+                       cos.index_select(0, t_idx)[:, None], sin.index_select(0, t_idx)[:, None])  # (N, nh, hd)
+        if B == 1:  # one sequence: its executing queries are already packed
+            q = q.transpose(0, 1)[None]                                              # (1, nh, N, hd)
+            pos = (t_idx + start_pos)[None]                                          # (1, N)
+        else:  # pack each sequence's queries to the left: slot = rank among its executing tokens
+            slot = (execute.cumsum(1) - 1).view(-1).index_select(0, rows)
+            n_q = int(slot.max()) + 1
+            q_pad = x.new_zeros(B, n_q, self.n_heads, self.head_dim)
+            q_pad[b_idx, slot] = q
+            q = q_pad.transpose(1, 2)                                                # (B, nh, n_q, hd)
+            pos = torch.zeros(B, n_q, dtype=torch.long, device=x.device)             # padded slots: position 0
+            pos[b_idx, slot] = t_idx + start_pos
         k_pos = torch.arange(k.shape[2], device=x.device)
-        mask = k_pos[None, None, :] <= pos[:, :, None]                               # (B, n_q, S) causal by true position
+        mask = k_pos[None, None, :] <= pos[:, :, None]                               # (B, n_q, S): causal by true position
         if key_keep is not None:
             mask = mask & (key_keep[:, None, :] | (k_pos[None, None, :] == pos[:, :, None]))
-        y = F.scaled_dot_product_attention(q_pad.transpose(1, 2), k, v, attn_mask=mask[:, None],
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
                                            enable_gqa=self.n_heads != self.n_kv_heads)  # (B, nh, n_q, hd)
-        y = y.transpose(1, 2)[b_idx, slot].reshape(-1, self.n_heads * self.head_dim)   # (N, nh*hd)
-        return (b_idx, t_idx), self.wo(y)
+        y = y.transpose(1, 2)                                                        # (B, n_q, nh, hd)
+        y = y[0] if B == 1 else y[b_idx, slot]                                       # (N, nh, hd)
+        return rows, self.wo(y.reshape(-1, self.n_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -294,24 +299,23 @@ class TransformerBlock(nn.Module):
         execute = g_attn > 0.5
         key_keep = execute if self.router_cfg.kv == "evict" else None
         xn = self.attention_norm(x)
-        n_exec = int(execute.sum())
-        if n_exec == execute.numel() and key_keep is None:
+        B, T, D = x.shape
+        if key_keep is None and bool(execute.all()):
             h = x + self.attention(xn, cos, sin, start_pos)          # everyone executes: the dense path
         else:
-            (b_idx, t_idx), out = self.attention.forward_sparse(xn, execute, cos, sin, start_pos, key_keep)
-            h = x if out is None else x.index_put((b_idx, t_idx), out.to(x.dtype), accumulate=True)
+            rows, out = self.attention.forward_sparse(xn, execute, cos, sin, start_pos, key_keep)
+            h = x if out is None else x.reshape(B * T, D).index_add(0, rows, out.to(x.dtype)).view(B, T, D)
         if g_mlp is None:
             g_mlp = self._gate(self.ffn_router, h, routing, 1, protected, start_pos)
-        execute = g_mlp > 0.5
-        n_exec = int(execute.sum())
-        if n_exec == execute.numel():
+        rows = (g_mlp > 0.5).view(-1).nonzero().squeeze(1)                           # (N,) in B*T
+        if rows.numel() == B * T:
             out = h + self.feed_forward(self.ffn_norm(h))
-        elif n_exec == 0:
+        elif rows.numel() == 0:
             out = h
         else:
-            b_idx, t_idx = execute.nonzero(as_tuple=True)
-            rows = h[b_idx, t_idx]                                                     # (N, dim)
-            out = h.index_put((b_idx, t_idx), self.feed_forward(self.ffn_norm(rows)).to(h.dtype), accumulate=True)
+            flat = h.reshape(B * T, D)
+            out = flat.index_add(0, rows, self.feed_forward(self.ffn_norm(flat.index_select(0, rows))).to(h.dtype))
+            out = out.view(B, T, D)
         routing.gates.append((g_attn, g_mlp))
         return out
 

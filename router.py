@@ -65,8 +65,8 @@ class Router(nn.Module):
                 last.bias.copy_(torch.tensor([2.0, -2.0]))
 
     def forward(self, x):
-        if self.normalize:
-            x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+        if self.normalize:  # parameter-free: only the direction of the stream matters
+            x = F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype)
         return self.proj(x)
 
 
