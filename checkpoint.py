@@ -67,9 +67,16 @@ def read_config(path):
 # ----------------------------------------------------------------------------------------------
 # Atomic writes
 
+def _temp_beside(path):
+    """A temporary file next to `path` (same file system, so os.replace is atomic), mode 0644."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
+    return fd, tmp
+
+
 def atomic_write_text(path, text):
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = _temp_beside(path)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
@@ -77,7 +84,7 @@ def atomic_write_text(path, text):
 
 def atomic_save_tensors(tensors, path, metadata=None):
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = _temp_beside(path)
     os.close(fd)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
     os.replace(tmp, path)
@@ -85,7 +92,7 @@ def atomic_save_tensors(tensors, path, metadata=None):
 
 def atomic_torch_save(obj, path):
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = _temp_beside(path)
     os.close(fd)
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -177,7 +184,11 @@ def find_base(ref, run_path):
 
 
 def load_model(path, device="cpu"):
-    """Transformer.from_checkpoint: converted model, stage-1 run or stage-2 run."""
+    """Transformer.from_checkpoint: converted model, stage-1 run or stage-2 run, in eval mode."""
+    return _load_model(Path(path), device).eval()
+
+
+def _load_model(path, device):
     path = Path(path)
     cfg = read_config(path)
     fmt = cfg.get("format")
@@ -188,7 +199,10 @@ def load_model(path, device="cpu"):
         attach_routers(model, path, cfg)
         return model
     if fmt == "stage2":
-        model = load_model(resolve(cfg["stage1"]["path"]) if cfg.get("stage1") else find_base(cfg["base"], path), device)
+        stage1 = resolve(cfg["stage1"]["path"]) if cfg.get("stage1") else None
+        if stage1 is not None and not stage1.exists():
+            raise UserError(f"{path} was trained on the stage-1 run {cfg['stage1']['path']}, which is not there")
+        model = _load_model(stage1 if stage1 is not None else find_base(cfg["base"], path), device)
         from lora import attach_lora_run
         attach_lora_run(model, path, cfg)
         return model

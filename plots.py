@@ -24,8 +24,10 @@ def training_curves(records, path, title=""):
         if "val_param_sparsity" in vals[0]:
             b.plot([r["iter"] for r in vals], [r["val_param_sparsity"] for r in vals], "o-",
                    label="val param sparsity (deterministic)")
-    a.set_xlabel("iteration"), a.set_ylabel("loss"), a.legend(), a.grid(alpha=0.3)
-    b.set_xlabel("iteration"), b.set_ylabel("sparsity"), b.legend(), b.grid(alpha=0.3)
+    for ax, ylabel in ((a, "loss"), (b, "sparsity")):
+        ax.set_xlabel("iteration"), ax.set_ylabel(ylabel), ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

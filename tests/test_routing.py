@@ -181,3 +181,26 @@ def test_calibrated_offset_hits_the_requested_sparsity():
     for target in (0.1, 0.3, 0.5):
         offset = calibrate_offset(measure, target, lo=-30, hi=30, iters=20)
         assert measure(offset) == pytest.approx(target, abs=0.02)
+
+
+def test_fast_path_gives_the_masked_paths_lora_gradients():
+    # stage 2 trains LoRA on the fast path: same loss and gradients as the masked reference
+    from lora import add_lora, mark_only_lora_trainable
+    model = routed_model()
+    add_lora(model, r=4, alpha=8, dropout=0.0)
+    mark_only_lora_trainable(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    x, y = torch.randint(0, 101, (2, 16)), torch.randint(0, 101, (2, 16))
+    force = (torch.rand(3, 2, 2, 16, generator=torch.Generator().manual_seed(3)) > 0.4).float()
+    grads = []
+    for fast in (False, True):
+        model.zero_grad()
+        _, loss = model(x, y, routing=Routing(mode="force", force=force, fast=fast))
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-5)
+    for n in grads[0][1]:
+        assert torch.allclose(grads[0][1][n], grads[1][1][n], atol=1e-5), n
