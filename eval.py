@@ -1,0 +1,521 @@
+"""Evaluate one model: perplexity, zero-shot accuracy on the SkipGPT paper's seven tasks, routing sparsity.
+
+    python eval.py                                      # dense SmolLM2-135M, default subsets (~5 min, one CPU thread)
+    python eval.py --model out/stage1                   # a stage-1 or stage-2 run, deterministic routing
+    python eval.py --model out/stage1 --shortgpt_match  # ShortGPT on that run's base, as many blocks as its param sparsity
+    python eval.py --shortgpt_match --match_sparsity 0.25   # ShortGPT at a given parameter sparsity
+    python eval.py --shortgpt 7                         # ShortGPT: the 7 lowest-Block-Influence blocks removed
+    python eval.py --attention_drop 8                   # the 8 most redundant attention sublayers removed
+    python eval.py --tasks piqa arc_easy --limit 50     # some tasks, the first 50 documents of each
+    python eval.py --full                               # every document and passage (hours on a CPU)
+
+What it measures, and how:
+- perplexity on the fixed validation windows of the held-out plays (common.val_windows, the same
+  numbers train_stage1.py reports) and on the first N LAMBADA test passages (whole passages, every
+  token after the first), plus LAMBADA's last-word accuracy (all its tokens greedy-correct);
+- zero-shot accuracy as lm-evaluation-harness scores multiple choice: each choice's log-likelihood
+  is the sum of log p over its continuation tokens given its context (tokenized as the harness does;
+  a model whose tokenizer has a BOS token gets it first); acc takes the argmax, acc_norm the argmax
+  of log-likelihood / the choice's length in characters (the harness divides by len(choice): the
+  answer without the space that joins it to the context). By default the first 150
+  documents of each task and half as many of HellaSwag (~5 min for SmolLM2-135M on one CPU
+  thread); --limit 200 gives 200 and 100;
+- routing sparsity on all of the evaluation text, with deterministic gates (the run's calibrated
+  offset), counting every token the model actually processed; for a static baseline, what it removed.
+
+A document's choices share their context (WinoGrande: the words before the blank). Documents are
+scored in batches: each document's shared prefix runs once into the KV cache (one row per document),
+its K/V are copied to one row per choice, and the rest of every choice runs as one right-padded
+batch. Routing decisions are per token and causal, so this gives the same log-likelihoods as one full
+forward per choice (tests/test_eval.py checks both, dense and routed).
+
+The default model is SmolLM2-135M-Instruct dequantized from 4-bit (Q4_1) weights: a real pretrained
+model, slightly below the published fp16 model. The last stdout line is one JSON object.
+
+References:
+- lm-evaluation-harness (Gao et al.), acc / acc_norm, https://github.com/EleutherAI/lm-evaluation-harness
+- L. Gao, "Multiple Choice Normalization in LM Evaluation", blog.eleuther.ai/multiple-choice-normalization
+- LAMBADA: Paperno et al. 2016, arXiv 1606.06031; ShortGPT: Men et al. 2024, arXiv 2403.03853
+"""
+import argparse
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import assets
+import baselines
+import checkpoint
+import tasks
+from common import evaluate, load_split, setup_device, val_windows
+from errors import UserError, cli
+from model import Transformer
+from router import Routing, block_params, module_params, routing_stats
+
+DEFAULT_LIMIT = 150      # documents per task by default (the first ones, by doc_id); HellaSwag half as many
+DEFAULT_LAMBADA = 100    # LAMBADA passages by default
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizing a (context, continuation) pair as lm-evaluation-harness does
+
+def encode_pair(tok, context, continuation):
+    """-> (context ids, continuation ids). The continuation's ids are what the whole text adds after
+    the context's ids, so a BPE merge across the boundary is scored as part of the continuation."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:  # trailing spaces belong to the continuation (" Paris", not " " + "Paris")
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    ctx = tok.encode(context)
+    whole = tok.encode(context + continuation)
+    if not bos and not ctx:  # nothing to condition on: start from the end-of-text token
+        bos = [tok.eos_id]
+    return bos + ctx, whole[len(ctx):]
+
+
+def doc_pairs(tok, doc, max_len):
+    pairs = []
+    for context, continuation in zip(doc.contexts, doc.continuations):
+        ctx, cont = encode_pair(tok, context, continuation)
+        drop = min(max(0, len(ctx) + len(cont) - max_len - 1), len(ctx) - 1)  # too long: drop the oldest context
+        pairs.append((ctx[drop:], cont))
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing statistics summed over many forwards
+
+class SkipCounter:
+    """Skipped (token, sublayer) counts per layer over every token a model processed."""
+
+    def __init__(self):
+        self.skipped, self.tokens = 0.0, 0   # skipped: (L, 2) once something was added
+
+    def add(self, gates, valid=None):
+        """gates (L, 2, B, T) 0/1; valid (B, T) marks real tokens (not padding)."""
+        gates = gates.detach().float().cpu()
+        valid = torch.ones(gates.shape[2:]) if valid is None else valid.float().cpu()
+        self.skipped = self.skipped + ((1 - gates) * valid).sum(dim=(2, 3))
+        self.tokens += int(valid.sum().item())
+
+    def add_rates(self, stats, n_tokens):
+        """Merge routing_stats computed elsewhere (common.evaluate) over n_tokens tokens."""
+        rates = torch.tensor([stats["attn_skip_per_layer"], stats["mlp_skip_per_layer"]]).T   # (L, 2)
+        self.skipped = self.skipped + rates * n_tokens
+        self.tokens += n_tokens
+
+    def merge(self, other):
+        self.skipped, self.tokens = self.skipped + other.skipped, self.tokens + other.tokens
+
+    def stats(self, args, kv):
+        rates = self.skipped / max(self.tokens, 1)                   # (L, 2) skip rates
+        return routing_stats((1 - rates)[:, :, None, None], args, kv) | {"tokens": self.tokens}
+
+
+def static_sparsity(args, removed_blocks=(), dropped_attention=()):
+    """Sparsity of a statically pruned model: every token skips the same modules (K/V included)."""
+    L = args.n_layers
+    attn_all, mlp = module_params(args, kv="evict")  # removed attention: all four projections gone
+    a = (len(removed_blocks) + len(dropped_attention)) / L
+    m = len(removed_blocks) / L
+    return {"attn_skip": a, "mlp_skip": m, "module_sparsity": (a + m) / 2,
+            "param_sparsity": (a * attn_all + m * mlp) / block_params(args)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+@contextlib.contextmanager
+def without_head(model):
+    """Run the model without its output layer: a prefix forward only fills the KV cache, and the
+    LM head (49152 x 576 for SmolLM2) would be ~20% of its FLOPs for logits nobody reads."""
+    head = model.output
+    model.output = nn.Identity()
+    try:
+        yield
+    finally:
+        model.output = head
+
+
+def common_prefix(seqs):
+    n = 0
+    while all(len(s) > n and s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
+
+
+def shared_prefix(pairs):
+    """Tokens all of a document's choices share and can run once: the common prefix, stopping before
+    the last context token of every choice (its logits score the first continuation token)."""
+    return min(common_prefix([c + x for c, x in pairs]), min(len(c) for c, _ in pairs) - 1)
+
+
+def batch_shape(docs):
+    """-> (P, rows, S): the prefix every document of a batch runs once, the choice rows, their length."""
+    P = min(shared_prefix(pairs) for pairs in docs)
+    rows = [len(c) + len(x) - 1 - P for pairs in docs for c, x in pairs]
+    return P, len(rows), max(rows)
+
+
+@torch.no_grad()
+def score_batch(model, docs, routing_factory=None, counter=None):
+    """Summed log-likelihood of every choice's continuation given its context, for a batch of documents.
+
+    docs: [[(context ids, continuation ids), ...one per choice], ...one per document] -> [[ll, ...], ...].
+    1. Every document's first P tokens (shared by all its choices) run once, one row per document,
+       into the KV cache; the LM head is skipped, no logits are needed there.
+    2. The cache rows are copied to one row per choice.
+    3. The choices' remaining tokens run as one right-padded batch from position P; padding sits after
+       every real token, so causal attention never sees it.
+    """
+    device = model.tok_embeddings.weight.device
+    P, n, S = batch_shape(docs)
+    flat = [(d, ctx, cont) for d, pairs in enumerate(docs) for ctx, cont in pairs]   # one per choice row
+    model.setup_cache(n, P + S)
+    try:
+        if P > 0:
+            routing = routing_factory() if routing_factory else None
+            with without_head(model):
+                model(torch.tensor([pairs[0][0][:P] for pairs in docs], device=device), routing=routing)
+            if routing is not None and counter is not None:
+                counter.add(routing.gate_tensor())
+            doc_of_row = torch.tensor([d for d, _, _ in flat], device=device)
+            for layer in model.layers:  # the prefix's K/V (and eviction marks) into every choice's row
+                cache = layer.attention.cache
+                cache.k[:, :, :P] = cache.k[doc_of_row, :, :P]
+                cache.v[:, :, :P] = cache.v[doc_of_row, :, :P]
+                cache.keep[:, :P] = cache.keep[doc_of_row, :P]
+        x = torch.zeros(n, S, dtype=torch.long)
+        y = torch.full((n, S), -1, dtype=torch.long)  # continuation targets; -1 elsewhere
+        lengths = []
+        for i, (_, ctx, cont) in enumerate(flat):
+            inp = (ctx + cont)[P:-1]  # a choice's last token is only a target
+            x[i, :len(inp)] = torch.tensor(inp)
+            first = len(ctx) - 1 - P  # the position whose logits predict the first continuation token
+            y[i, first:first + len(cont)] = torch.tensor(cont)
+            lengths.append(len(inp))
+        x, y = x.to(device), y.to(device)
+        routing = routing_factory() if routing_factory else None
+        logits, _ = model(x, routing=routing, start_pos=P)
+        if routing is not None and counter is not None:
+            counter.add(routing.gate_tensor(), torch.arange(S)[None] < torch.tensor(lengths)[:, None])
+    finally:
+        model.clear_cache()
+    scored = y >= 0
+    logp = logits[scored].float().log_softmax(-1).gather(-1, y[scored][:, None])[:, 0]   # (scored tokens,)
+    lls = torch.zeros(n, device=logp.device).index_add_(0, scored.nonzero()[:, 0], logp).tolist()
+    out = [[] for _ in docs]
+    for (d, _, _), ll in zip(flat, lls):
+        out[d].append(ll)
+    return out
+
+
+def plan_batches(docs, max_tokens):
+    """Group documents into batches of about max_tokens tokens a forward. Sorted by their shared
+    prefix length first, so a batch's documents share P with little waste (the order of documents
+    does not change any result)."""
+    order = sorted(range(len(docs)), key=lambda i: (shared_prefix(docs[i]), sum(len(c) + len(x) for c, x in docs[i])))
+    batch = []
+    for i in order:
+        P, n, S = batch_shape([docs[j] for j in batch + [i]])
+        if batch and max((len(batch) + 1) * P, n * S) > max_tokens:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def score_choices_naive(model, pairs, routing_factory=None):
+    """The reference: one full forward per choice, no cache, no sharing."""
+    device = model.tok_embeddings.weight.device
+    out = []
+    for ctx, cont in pairs:
+        seq = torch.tensor([ctx + cont], device=device)
+        logits, _ = model(seq[:, :-1], routing=routing_factory() if routing_factory else None)
+        logp = logits[0, len(ctx) - 1:].float().log_softmax(-1)
+        out.append(logp.gather(-1, seq[0, len(ctx):, None]).sum().item())
+    return out
+
+
+def choose(lls, lengths, label):
+    """-> (acc, acc_norm) of one document: argmax of log-likelihood, and of log-likelihood per character."""
+    pred = max(range(len(lls)), key=lambda i: lls[i])
+    pred_norm = max(range(len(lls)), key=lambda i: lls[i] / max(lengths[i], 1))
+    return float(pred == label), float(pred_norm == label)
+
+
+def choice_length(continuation):
+    """Characters lm-evaluation-harness divides by: the choice without the space joining it to the context."""
+    return len(continuation[1:] if continuation.startswith(" ") else continuation)
+
+
+def eval_task(model, tok, docs, routing_factory=None, counter=None, batch_tokens=512, desc=None):
+    pairs = [doc_pairs(tok, d, model.args.max_seq_len) for d in docs]
+    acc = acc_norm = 0.0
+    with tqdm(total=len(docs), desc=desc, leave=False, dynamic_ncols=True) as bar:
+        for batch in plan_batches(pairs, batch_tokens):
+            for i, lls in zip(batch, score_batch(model, [pairs[i] for i in batch], routing_factory, counter)):
+                a, an = choose(lls, [choice_length(c) for c in docs[i].continuations], docs[i].label)
+                acc, acc_norm = acc + a, acc_norm + an
+            bar.update(len(batch))
+    return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs), "n": len(docs)}
+
+
+@torch.no_grad()
+def eval_lambada(model, tok, passages, routing_factory=None, counter=None, batch_tokens=512):
+    """Perplexity over whole passages (every token after the first) and last-word accuracy (every
+    token of the last word greedy-correct). Passages are batched by length to keep padding small."""
+    device = model.tok_embeddings.weight.device
+    max_len = model.args.max_seq_len
+    encoded = [encode_pair(tok, c, w) for c, w in passages]
+    encoded = [(ctx[max(0, len(ctx) + len(w) - max_len - 1):], w) for ctx, w in encoded]
+    encoded.sort(key=lambda p: len(p[0]) + len(p[1]))
+    nll, count, correct = 0.0, 0, 0
+    batches, batch = [], []
+    for p in encoded:  # ascending length: the newest passage is the longest of its batch
+        if batch and (len(batch) + 1) * (len(p[0]) + len(p[1]) - 1) > batch_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(p)
+    batches += [batch] if batch else []
+    for batch in tqdm(batches, desc="lambada", leave=False, dynamic_ncols=True):
+        T = max(len(c) + len(w) for c, w in batch) - 1
+        x = torch.zeros(len(batch), T, dtype=torch.long)
+        y = torch.full((len(batch), T), -1, dtype=torch.long)
+        word = torch.zeros(len(batch), T, dtype=torch.bool)  # positions that predict the last word
+        for j, (ctx, w) in enumerate(batch):
+            seq = torch.tensor(ctx + w)
+            x[j, :len(seq) - 1], y[j, :len(seq) - 1] = seq[:-1], seq[1:]
+            word[j, len(ctx) - 1:len(seq) - 1] = True
+        routing = routing_factory() if routing_factory else None
+        logits, _ = model(x.to(device), routing=routing)
+        valid = y >= 0
+        scored = logits[valid.to(device)].float().cpu()                       # (real tokens, vocab)
+        nll += F.cross_entropy(scored, y[valid], reduction="sum").item()
+        count += int(valid.sum())
+        hit = torch.ones_like(y, dtype=torch.bool)
+        hit[valid] = scored.argmax(-1) == y[valid]
+        correct += int((hit | ~word).all(dim=1).sum())
+        if routing is not None and counter is not None:
+            counter.add(routing.gate_tensor(), valid)
+    return {"ppl": math.exp(nll / count), "acc": correct / len(encoded), "n": len(encoded), "tokens": count}
+
+
+# ----------------------------------------------------------------------------------------------
+# What to evaluate
+
+def base_of(path):
+    """The converted model a run was trained on (a converted model is its own base)."""
+    cfg = checkpoint.read_config(path)
+    if cfg.get("format") == "model":
+        return Path(path)
+    if cfg.get("stage1"):
+        return base_of(checkpoint.resolve(cfg["stage1"]["path"]))
+    return checkpoint.find_base(cfg["base"], path)
+
+
+def calibration_text(data_dir, tok):
+    from train_stage1 import calibration_windows  # the same training-text windows stage 1 calibrates on
+    return calibration_windows(load_split(data_dir, "train", tok))
+
+
+def build(a, path, base_path, device, ctx):
+    """-> (model, label, routing factory or None, info dict). Static baselines start from the dense base."""
+    if not a.shortgpt and not a.shortgpt_match and not a.attention_drop:
+        model = Transformer.from_checkpoint(path, device=device).eval()
+        label = checkpoint.rel_to_root(path)
+        if model.router_cfg is None:
+            return model, label, None, {"kind": "dense"}
+        offset = model.routing_offset
+        return model, label, lambda: Routing(mode="hard", offset=offset), {"kind": "routed", "offset": offset}
+
+    n_blocks, matched = a.shortgpt, None
+    if a.shortgpt_match:
+        if a.match_sparsity is not None:
+            matched = {"param_sparsity": a.match_sparsity, "source": "--match_sparsity"}
+        else:
+            routed = Transformer.from_checkpoint(path, device=device).eval()
+            if routed.router_cfg is None:
+                raise UserError(f"--shortgpt_match needs a routed --model (a stage-1 or stage-2 run) to match, "
+                                f"or a value: --match_sparsity S; {path} has no routers")
+            offset = routed.routing_offset
+            print(f"measuring {path}'s parameter sparsity on calibration text (deterministic gates) ...")
+            st = evaluate(routed, calibration_text(a.data_dir, routed.tokenizer),
+                          lambda: Routing(mode="hard", offset=offset), ctx=ctx, device=device)
+            matched = {"param_sparsity": st["param_sparsity"], "source": checkpoint.rel_to_root(path)}
+            del routed
+    model = Transformer.from_checkpoint(base_path, device=device).eval()
+    if matched is not None:
+        n_blocks = baselines.blocks_for_param_sparsity(model.args.n_layers, matched["param_sparsity"])
+    if max(n_blocks, a.attention_drop) >= model.args.n_layers:
+        raise UserError(f"{base_path} has {model.args.n_layers} blocks; remove fewer than that")
+    windows = calibration_text(a.data_dir, model.tokenizer)
+    base_label = checkpoint.rel_to_root(base_path)
+    if a.attention_drop:
+        pruned, dropped, _ = baselines.attention_drop(model, windows, a.attention_drop)
+        label = f"attention-drop-{a.attention_drop} ({base_label})"
+        info = {"kind": "attention_drop", "dropped_attention": dropped,
+                "static_sparsity": static_sparsity(model.args, dropped_attention=dropped)}
+    else:
+        pruned, removed, _ = baselines.shortgpt(model, windows, n_blocks)
+        label = f"shortgpt-{n_blocks} ({base_label})"
+        info = {"kind": "shortgpt", "removed_blocks": removed, "matched": matched,
+                "static_sparsity": static_sparsity(model.args, removed_blocks=removed)}
+    pruned.tokenizer = model.tokenizer
+    return pruned.eval(), label, None, info
+
+
+@contextlib.contextmanager
+def timed(times, name):
+    """times[name] = (wall seconds, CPU seconds). On a shared machine the CPU time (at one thread) is
+    what the same work takes on a quiet one."""
+    t0, c0 = time.time(), time.process_time()
+    yield
+    times[name] = (time.time() - t0, time.process_time() - c0)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="converted model, stage-1 or stage-2 run (default: the bundled SmolLM2-135M)")
+    p.add_argument("--shortgpt", type=int, default=0, help="evaluate ShortGPT: remove this many lowest-BI blocks of the base model")
+    p.add_argument("--shortgpt_match", action="store_true",
+                   help="ShortGPT with as many blocks as --match_sparsity, or as the routed --model skips on calibration text")
+    p.add_argument("--match_sparsity", type=float, default=None, help="parameter sparsity for --shortgpt_match")
+    p.add_argument("--attention_drop", type=int, default=0, help="evaluate attention drop: remove this many attention sublayers")
+    p.add_argument("--tasks", nargs="+", default=list(tasks.TASKS),
+                   help=f"tasks to run (default: all; 'none' for perplexity only): {' '.join(tasks.TASKS)}")
+    p.add_argument("--limit", type=int, default=None,
+                   help=f"first N documents of every task, N/2 of HellaSwag (its documents cost the most) "
+                        f"(default: {DEFAULT_LIMIT})")
+    p.add_argument("--lambada", type=int, default=DEFAULT_LAMBADA, help="first N LAMBADA passages for perplexity (0 = skip)")
+    p.add_argument("--full", action="store_true", help="every document of every task and every LAMBADA passage")
+    p.add_argument("--data_dir", default="data/shakespeare", help="validation windows (val.bin) and calibration text (train.bin)")
+    p.add_argument("--batch_tokens", type=int, default=512,
+                   help="about this many tokens per forward (documents and passages are grouped to fit; "
+                        "larger batches were slower on 1-2 CPU threads)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (0 = torch's default); on the shared 2-core machine two threads "
+                        "ran ~8x slower than one whenever other jobs were running")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    p.error = lambda msg: (_ for _ in ()).throw(UserError(f"{msg} (see --help)"))
+    a = p.parse_args(argv)
+    a.tasks = [t for arg in a.tasks for t in arg.split(",") if t and t != "none"]
+    for t in a.tasks:
+        if t not in tasks.TASKS:
+            raise UserError(f"unknown task {t!r}; choose from {', '.join(tasks.TASKS)} (or none)")
+    if sum(bool(x) for x in (a.shortgpt, a.shortgpt_match, a.attention_drop)) > 1:
+        raise UserError("choose one baseline: --shortgpt N, --shortgpt_match or --attention_drop N")
+    if a.shortgpt < 0 or a.attention_drop < 0:
+        raise UserError("--shortgpt and --attention_drop take a number of blocks >= 1")
+    if a.match_sparsity is not None and not (a.shortgpt_match and 0 <= a.match_sparsity < 1):
+        raise UserError("--match_sparsity S (0 <= S < 1) goes with --shortgpt_match")
+    if (a.limit is not None and a.limit < 1) or a.lambada < 0 or a.batch_tokens < 1:
+        raise UserError("--limit and --batch_tokens must be >= 1, --lambada >= 0")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device, dtype, ctx = setup_device(a.device, a.dtype)
+    t_start, c_start = time.time(), time.process_time()
+    path = Path(a.model) if a.model else assets.ensure_default_model()
+    base_path = base_of(path)
+    if Path(a.data_dir).resolve() == assets.SHAKESPEARE_DIR.resolve():
+        assets.ensure_shakespeare(base_path)  # prepared once, with the base model's tokenizer
+    model, label, routing_factory, info = build(a, path, base_path, device, ctx)
+    tok = model.tokenizer
+    if tok is None:
+        raise UserError(f"{label} has no tokenizer; convert the model together with its tokenizer files")
+    print(f"evaluating {label} on {device} ({dtype}, {torch.get_num_threads()} threads)")
+    times, parts, result_tasks = {}, {}, {}
+
+    # -- perplexity on the held-out plays
+    with timed(times, "shakespeare"):
+        windows = val_windows(load_split(a.data_dir, "val", tok))
+        st = evaluate(model, windows, routing_factory, batch_size=max(1, a.batch_tokens // windows.shape[1]),
+                      ctx=ctx, device=device, progress=lambda it: tqdm(it, desc="shakespeare", leave=False))
+        ppl = {"shakespeare": st["ppl"]}
+        parts["shakespeare"] = SkipCounter()
+        if routing_factory:
+            parts["shakespeare"].add_rates(st, windows[:, 1:].numel())
+
+    # -- LAMBADA passages
+    n_lambada = None if a.full else a.lambada
+    if n_lambada != 0:
+        with timed(times, "lambada"), ctx:
+            parts["lambada"] = SkipCounter()
+            lam = eval_lambada(model, tok, tasks.load_lambada(n_lambada), routing_factory, parts["lambada"], a.batch_tokens)
+            ppl["lambada"] = lam["ppl"]
+
+    # -- zero-shot tasks
+    for name in a.tasks:
+        limit = None if a.full else (a.limit or DEFAULT_LIMIT) // (2 if name == "hellaswag" else 1)
+        with timed(times, name), ctx:
+            parts[name] = SkipCounter()
+            r = result_tasks[name] = eval_task(model, tok, tasks.load_task(name, limit), routing_factory, parts[name],
+                                               a.batch_tokens, desc=name)
+        print(f"{name:<14} acc {r['acc']:.3f}  acc_norm {r['acc_norm']:.3f}  (n={r['n']}, {times[name][0]:.0f} s)")
+
+    # -- sparsity on the evaluation text
+    if routing_factory:
+        total = SkipCounter()
+        for c in parts.values():
+            total.merge(c)
+        sparsity = total.stats(model.args, model.router_cfg.kv)
+        by_part = {k: round(c.stats(model.args, model.router_cfg.kv)["param_sparsity"], 4)
+                   for k, c in parts.items() if c.tokens}
+    else:
+        sparsity = info.get("static_sparsity") or {"attn_skip": 0.0, "mlp_skip": 0.0, "module_sparsity": 0.0,
+                                                    "param_sparsity": 0.0}
+        by_part = None
+    avg = sum(r["acc"] for r in result_tasks.values()) / len(result_tasks) if result_tasks else None
+    avg_norm = sum(r["acc_norm"] for r in result_tasks.values()) / len(result_tasks) if result_tasks else None
+    seconds = time.time() - t_start
+
+    # -- report
+    print(f"\n### {label}\n")
+    print(f"| | value |\n|---|---|")
+    print(f"| perplexity, held-out plays ({len(windows)} x {windows.shape[1] - 1} tokens) | {ppl['shakespeare']:.2f} |")
+    if "lambada" in ppl:
+        print(f"| perplexity, LAMBADA ({lam['n']} passages, {lam['tokens']} tokens) | {ppl['lambada']:.2f} |")
+        print(f"| LAMBADA last-word accuracy | {lam['acc']:.3f} |")
+    print(f"| sparsity: attention / MLP skip | {sparsity['attn_skip']:.3f} / {sparsity['mlp_skip']:.3f} |")
+    print(f"| sparsity: modules / block parameters | {sparsity['module_sparsity']:.3f} / {sparsity['param_sparsity']:.3f} |")
+    if result_tasks:
+        print(f"\n| task | n | acc | acc_norm |\n|---|---|---|---|")
+        for name, r in result_tasks.items():
+            print(f"| {name} | {r['n']} | {r['acc']:.3f} | {r['acc_norm']:.3f} |")
+        print(f"| **average** | | **{avg:.3f}** | **{avg_norm:.3f}** |")
+    print(f"\n{seconds:.0f} s in all ({time.process_time() - c_start:.0f} s of CPU time): "
+          + ", ".join(f"{k} {wall:.0f} s" for k, (wall, _) in times.items()))
+    result = {"model": label, "kind": info["kind"], "ppl": ppl,
+              "lambada_acc": lam["acc"] if "lambada" in ppl else None,
+              "tasks": result_tasks, "avg_acc": avg, "avg_acc_norm": avg_norm,
+              "sparsity": {k: v for k, v in sparsity.items() if not k.endswith("per_layer")},
+              "sparsity_per_layer": {k: v for k, v in sparsity.items() if k.endswith("per_layer")} or None,
+              "param_sparsity_by_part": by_part,
+              **{k: v for k, v in info.items() if k not in ("kind", "static_sparsity")},
+              "device": device, "dtype": dtype, "threads": torch.get_num_threads(),
+              "seconds": round(seconds, 1), "cpu_seconds": round(time.process_time() - c_start, 1),
+              "seconds_by_part": {k: round(wall, 1) for k, (wall, _) in times.items()},
+              "cpu_seconds_by_part": {k: round(cpu, 1) for k, (_, cpu) in times.items()}}
+    if a.out:
+        checkpoint.atomic_write_text(a.out, json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    cli(main)
