@@ -252,16 +252,28 @@ def measure_costs(reg, name, m, routing_fn, tokens, steps, device, bpp, kv, dens
         with counter:
             m(tokens, routing=routing)
         n_tok, n_q, n_k = B * T, T, T
-    else:  # one decode step after the context
-        m.setup_cache(B, T + 1)
+    else:  # every decode step after the context, averaged (the decisions differ from step to step)
+        m.setup_cache(B, T + steps)
         try:
-            m(tokens, routing=routing_fn())
-            routing = routing_fn()
+            logits, _ = m(tokens, routing=routing_fn())
+            nxt, per_step = logits[:, -1:].argmax(-1), []
             with counter:
-                m(tokens[:, -1:], routing=routing, start_pos=T)
+                for i in range(steps):
+                    routing = routing_fn()
+                    logits, _ = m(nxt, routing=routing, start_pos=T + i)
+                    nxt = logits[:, -1:].argmax(-1)
+                    if routing is not None:
+                        per_step.append(routing.gate_tensor().float())         # (L, 2, B, 1)
         finally:
             m.clear_cache()
-        n_tok, n_q, n_k = B, 1, T + 1
+        n_tok, n_q, n_k = B * steps, 1, T + (steps + 1) / 2
+        if per_step:  # executed fractions over all steps; weights read per step = any row executes
+            g = torch.cat(per_step, dim=3)                                      # (L, 2, B, steps)
+            reads = g.amax(dim=2).mean(-1)                                      # (L, 2)
+            routing = None
+            return _costs(reg, variant, args, g[:, 0].mean((1, 2)).tolist(), g[:, 1].mean((1, 2)).tolist(),
+                          reads[:, 0].tolist(), reads[:, 1].tolist(), n_q, n_k, counter, n_tok, T, steps, B,
+                          bpp, kv, device, dense_model)
     L = args.n_layers
     if routing is not None and routing.gates:
         g = routing.gate_tensor().float()                       # (L, 2, B, t)
@@ -269,6 +281,14 @@ def measure_costs(reg, name, m, routing_fn, tokens, steps, device, bpp, kv, dens
         read_attn, read_mlp = g[:, 0].amax((1, 2)).tolist(), g[:, 1].amax((1, 2)).tolist()
     else:
         exec_attn = exec_mlp = read_attn = read_mlp = [1.0] * L
+    return _costs(reg, variant, args, exec_attn, exec_mlp, read_attn, read_mlp, n_q, n_k, counter, n_tok, T, steps,
+                  B, bpp, kv, device, dense_model)
+
+
+def _costs(reg, variant, args, exec_attn, exec_mlp, read_attn, read_mlp, n_q, n_k, counter, n_tok, T, steps, B,
+           bpp, kv, device, dense_model):
+    L = args.n_layers
+    routed = variant in ("fast", "masked")
     counts_as_run = variant == "fast"  # masked runs everything whatever the gates say
     fa, fm = (exec_attn, exec_mlp) if counts_as_run else ([1.0] * L, [1.0] * L)
     ra, rm = (read_attn, read_mlp) if counts_as_run else ([1.0] * L, [1.0] * L)

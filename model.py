@@ -296,6 +296,8 @@ class TransformerBlock(nn.Module):
         g_mlp = None
         if self.router_cfg.mlp_input == "block":  # decided from x: known before attention runs
             g_mlp = self._gate(self.ffn_router, x, routing, 1, protected, start_pos)
+        if x.shape[0] * x.shape[1] == 1 and self.router_cfg.kv == "keep" and g_mlp is not None:
+            return self._decode_one(x, cos, sin, start_pos, routing, g_attn, g_mlp)
         execute = g_attn > 0.5
         key_keep = execute if self.router_cfg.kv == "evict" else None
         xn = self.attention_norm(x)
@@ -316,6 +318,23 @@ class TransformerBlock(nn.Module):
             flat = h.reshape(B * T, D)
             out = flat.index_add(0, rows, self.feed_forward(self.ffn_norm(flat.index_select(0, rows))).to(h.dtype))
             out = out.view(B, T, D)
+        routing.gates.append((g_attn, g_mlp))
+        return out
+
+    def _decode_one(self, x, cos, sin, start_pos, routing, g_attn, g_mlp):
+        """One token (batch-1 decoding): a plain branch per sublayer, no gathering at all.
+
+        A skipped attention still writes the token's K and V to the cache ("keep"); a skipped MLP
+        costs nothing.
+        """
+        attn_on, mlp_on = torch.cat([g_attn, g_mlp]).view(-1).tolist()  # one host sync for both
+        xn = self.attention_norm(x)
+        if attn_on:
+            h = x + self.attention(xn, cos, sin, start_pos)
+        else:
+            self.attention.forward_sparse(xn, g_attn > 0.5, cos, sin, start_pos)  # K/V only
+            h = x
+        out = h + self.feed_forward(self.ffn_norm(h)) if mlp_on else h
         routing.gates.append((g_attn, g_mlp))
         return out
 
