@@ -60,4 +60,4 @@ def test_committed_default_routers_give_their_known_continuation():
     assert model.router_cfg is not None and model.routing_offset != 0
     for fast in (False, True):
         routing = Routing(mode="hard", offset=model.routing_offset, fast=fast)
-        assert greedy(model, "The capital of France is", 12, routing) == " the largest country in the world.\n\nThe United States"
+        assert greedy(model, "The capital of France is", 12, routing) == " the largest city in the United States.\n\nThe United"
