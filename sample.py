@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--gate", choices=["hard", "sample"], default="hard",
                    help="routing gates: deterministic (hard) or sampled as in the authors' code")
     p.add_argument("--routing_map", default=None, help="save a PNG map of executed sublayers per token")
+    p.add_argument("--masked", action="store_true",
+                   help="route the way training does (every sublayer runs, skipped outputs x 0) instead of really skipping")
     p.add_argument("--no_cache", action="store_true", help="recompute the whole prefix every step (slow reference)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
@@ -70,9 +72,9 @@ def main(argv=None):
     if a.routers:
         if model.router_cfg is None:
             raise UserError(f"{a.routers} holds no routers (it is a plain converted model); pass it as --model")
-        routing = Routing(mode=a.gate, offset=model.routing_offset)
-    elif model.router_cfg is not None:
-        routing = Routing(mode=a.gate, offset=model.routing_offset)  # a run given as --model routes too
+        routing = Routing(mode=a.gate, offset=model.routing_offset, fast=not a.masked)
+    elif model.router_cfg is not None:  # a run given as --model routes too
+        routing = Routing(mode=a.gate, offset=model.routing_offset, fast=not a.masked)
     ids = tok.encode_chat(a.prompt, system=a.system) if a.chat else tok.encode(a.prompt, bos=False)
     if not ids:
         raise UserError("the prompt is empty")
