@@ -242,47 +242,41 @@ def main(argv=None):
 @torch.no_grad()
 def measure_costs(reg, name, m, routing_fn, tokens, steps, device, bpp, kv, dense_model):
     """FLOPs (counted and analytic), executed parameters, weight bytes and KV bytes for one variant."""
-    args = m.args
     B, T = tokens.shape
-    variant = name.split("@")[0]
-    routed = variant in ("fast", "masked")
     counter = FlopCounterMode(display=False)
-    if reg["kind"] == "prefill":
+    gates = []  # per step: (L, 2, rows, 1) decisions; a module's weights are read if any row executes it
+    if reg["kind"] == "prefill":  # one step: all B x T tokens
         routing = routing_fn()
         with counter:
             m(tokens, routing=routing)
+        if routing is not None:
+            gates.append(routing.gate_tensor().float().flatten(2)[..., None])
         n_tok, n_q, n_k = B * T, T, T
     else:  # every decode step after the context, averaged (the decisions differ from step to step)
         m.setup_cache(B, T + steps)
         try:
             logits, _ = m(tokens, routing=routing_fn())
-            nxt, per_step = logits[:, -1:].argmax(-1), []
+            nxt = logits[:, -1:].argmax(-1)
             with counter:
                 for i in range(steps):
                     routing = routing_fn()
                     logits, _ = m(nxt, routing=routing, start_pos=T + i)
                     nxt = logits[:, -1:].argmax(-1)
                     if routing is not None:
-                        per_step.append(routing.gate_tensor().float())         # (L, 2, B, 1)
+                        gates.append(routing.gate_tensor().float())            # (L, 2, B, 1)
         finally:
             m.clear_cache()
         n_tok, n_q, n_k = B * steps, 1, T + (steps + 1) / 2
-        if per_step:  # executed fractions over all steps; weights read per step = any row executes
-            g = torch.cat(per_step, dim=3)                                      # (L, 2, B, steps)
-            reads = g.amax(dim=2).mean(-1)                                      # (L, 2)
-            routing = None
-            return _costs(reg, variant, args, g[:, 0].mean((1, 2)).tolist(), g[:, 1].mean((1, 2)).tolist(),
-                          reads[:, 0].tolist(), reads[:, 1].tolist(), n_q, n_k, counter, n_tok, T, steps, B,
-                          bpp, kv, device, dense_model)
-    L = args.n_layers
-    if routing is not None and routing.gates:
-        g = routing.gate_tensor().float()                       # (L, 2, B, t)
-        exec_attn, exec_mlp = g[:, 0].mean((1, 2)).tolist(), g[:, 1].mean((1, 2)).tolist()
-        read_attn, read_mlp = g[:, 0].amax((1, 2)).tolist(), g[:, 1].amax((1, 2)).tolist()
+    L = m.args.n_layers
+    if gates:
+        g = torch.cat(gates, dim=3)                                             # (L, 2, rows, steps)
+        executed, reads = g.mean((2, 3)), g.amax(dim=2).mean(-1)                # (L, 2) each
+        exec_attn, exec_mlp = executed[:, 0].tolist(), executed[:, 1].tolist()
+        read_attn, read_mlp = reads[:, 0].tolist(), reads[:, 1].tolist()
     else:
         exec_attn = exec_mlp = read_attn = read_mlp = [1.0] * L
-    return _costs(reg, variant, args, exec_attn, exec_mlp, read_attn, read_mlp, n_q, n_k, counter, n_tok, T, steps,
-                  B, bpp, kv, device, dense_model)
+    return _costs(reg, name.split("@")[0], m.args, exec_attn, exec_mlp, read_attn, read_mlp, n_q, n_k, counter,
+                  n_tok, T, steps, B, bpp, kv, device, dense_model)
 
 
 def _costs(reg, variant, args, exec_attn, exec_mlp, read_attn, read_mlp, n_q, n_k, counter, n_tok, T, steps, B,

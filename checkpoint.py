@@ -156,10 +156,10 @@ def _load_base(path, device):
     weights = {k: v.float() for k, v in weights.items()}
     if args.tie_embeddings:
         weights["output.weight"] = weights["tok_embeddings.weight"]
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True), None
-    if missing.missing_keys or missing.unexpected_keys:
-        raise UserError(f"{path}: weights do not match the config (missing {missing.missing_keys[:3]}, "
-                        f"unexpected {missing.unexpected_keys[:3]})")
+    result = model.load_state_dict(weights, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(f"{path}: weights do not match the config (missing {result.missing_keys[:3]}, "
+                        f"unexpected {result.unexpected_keys[:3]})")
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.source = {"path": rel_to_root(path), "fingerprint": cfg["fingerprint"]}

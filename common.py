@@ -58,9 +58,6 @@ def parse_settings(cls, description, argv=None, presets=None):
             parser.add_argument(f"--{f.name}", type=conv, default=None, choices=choices,
                                 help=f"{f.metadata.get('help', '')} (default: {f.default})")
 
-    class Exit(Exception):
-        pass
-
     def error(message):  # argparse's own error prints usage + message; we want one line, exit 2
         raise UserError(f"{message} (see --help)")
 

@@ -16,10 +16,8 @@ References:
 - RoPE: Su et al. 2021, arXiv 2104.09864 (rotate-half layout, as Hugging Face stores q/k)
 - SkipGPT: Zhao et al., ICML 2025, arXiv 2506.04179
 """
-import json
 import math
-from dataclasses import dataclass, asdict, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -27,8 +25,6 @@ import torch.nn.functional as F
 
 from errors import UserError
 from router import Router, RouterConfig, Routing
-
-ROOT = Path(__file__).resolve().parent
 
 
 @dataclass
@@ -441,6 +437,7 @@ class Transformer(nn.Module):
         try:
             seq, pos = tokens, 0
             done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+            stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=tokens.device)
             for _ in range(max_new_tokens):
                 inp = seq[:, pos:] if use_cache else seq
                 logits, _ = self(inp, routing=routing, start_pos=pos if use_cache else 0)
@@ -459,7 +456,7 @@ class Transformer(nn.Module):
                 if on_token is not None:
                     on_token(nxt, routing)
                 if stop_ids:
-                    done |= torch.isin(nxt[:, 0], torch.tensor(list(stop_ids), device=nxt.device))
+                    done |= torch.isin(nxt[:, 0], stop)
                     if done.all():
                         break
             return seq

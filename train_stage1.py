@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import assets
-from checkpoint import atomic_save_tensors, atomic_torch_save, atomic_write_text, base_reference, rel_to_root
+from checkpoint import atomic_save_tensors, atomic_torch_save, atomic_write_text, base_reference
 from common import (JsonlLog, VAL_WINDOWS, all_reduce_mean, dense_val_loss, evaluate, get_batch, linear, load_split, lr_at,
                     model_flops_per_token, parse_settings, prepare_out_dir, rng_state, set_rng_state, setting,
                     setup_ddp, setup_device, val_windows)
 from errors import UserError, cli
 from model import Transformer
-from router import RouterConfig, Routing, calibrate_offset, module_params, routing_stats, sparsity_loss
+from router import RouterConfig, Routing, calibrate_offset, module_params, sparsity_loss
 
 
 @dataclass
@@ -211,7 +211,7 @@ def main(argv=None):
 
     # -- data
     data_dir = Path(s.data_dir)
-    if data_dir.resolve() == (assets.ROOT / "data" / "shakespeare").resolve():
+    if data_dir.resolve() == assets.SHAKESPEARE_DIR.resolve():
         assets.ensure_shakespeare(init_dir)
     train_data = load_split(data_dir, "train", model.tokenizer)
     val_data = load_split(data_dir, "val", model.tokenizer)

@@ -249,7 +249,7 @@ def main(argv=None):
     # -- data
     base_dir = resolve(model.source["path"])
     data_dir = Path(s.data_dir)
-    if data_dir.resolve() == (assets.ROOT / "data" / "shakespeare").resolve():
+    if data_dir.resolve() == assets.SHAKESPEARE_DIR.resolve():
         assets.ensure_shakespeare(base_dir)
     train_data = load_split(data_dir, "train", model.tokenizer)
     val_data = load_split(data_dir, "val", model.tokenizer)

@@ -1,5 +1,4 @@
 """The real SmolLM2-135M-Instruct checkpoint (prepared by `python convert.py --default`): known outputs."""
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -1,5 +1,4 @@
 """SkipGPT routing: the gate, the sparsity loss, the masked reference path and the fast path."""
-import math
 
 import pytest
 import torch
