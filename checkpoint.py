@@ -197,6 +197,9 @@ def _load_model(path, device):
     if fmt == "stage1":
         model = _load_base(find_base(cfg["base"], path), device)
         attach_routers(model, path, cfg)
+        if cfg.get("lora"):  # a joint run: LoRA trained together with the routers
+            from lora import attach_lora_run
+            attach_lora_run(model, path, cfg)
         return model
     if fmt == "stage2":
         stage1 = resolve(cfg["stage1"]["path"]) if cfg.get("stage1") else None

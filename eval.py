@@ -2,10 +2,12 @@
 
     python eval.py                                      # dense SmolLM2-135M, default subsets (~5 min, one CPU thread)
     python eval.py --model out/stage1                   # a stage-1 or stage-2 run, deterministic routing
+    python eval.py --model out/stage1 --sparsity 0.4    # the same routers, offset recalibrated to skip 40% on general text
     python eval.py --model out/stage1 --shortgpt_match  # ShortGPT on that run's base, as many blocks as its param sparsity
     python eval.py --shortgpt_match --match_sparsity 0.25   # ShortGPT at a given parameter sparsity
     python eval.py --shortgpt 7                         # ShortGPT: the 7 lowest-Block-Influence blocks removed
     python eval.py --attention_drop 8                   # the 8 most redundant attention sublayers removed
+    python eval.py --attention_drop_match --match_sparsity 0.15 --match_modules 0.2   # attention drop, matched
     python eval.py --tasks piqa arc_easy --limit 50     # some tasks, the first 50 documents of each
     python eval.py --full                               # every document and passage (hours on a CPU)
 
@@ -22,6 +24,10 @@ What it measures, and how:
   thread); --limit 200 gives 200 and 100;
 - routing sparsity on all of the evaluation text, with deterministic gates (the run's calibrated
   offset), counting every token the model actually processed; for a static baseline, what it removed.
+  A run's offset was calibrated on its training text (Shakespeare); routing depends on the text, and
+  the same offset skips less of general-domain text. --sparsity S recalibrates the offset on general
+  text the evaluation never scores (the last LAMBADA passages) so that the routers skip S of the
+  block parameters there: the knob that trades quality for speed at inference time.
 
 A document's choices share their context (WinoGrande: the words before the blank). Documents are
 scored in batches: each document's shared prefix runs once into the KV cache (one row per document),
@@ -56,10 +62,11 @@ import tasks
 from common import evaluate, load_split, setup_device, val_windows
 from errors import UserError, cli
 from model import Transformer
-from router import Routing, block_params, module_params, routing_stats
+from router import Routing, block_params, calibrate_offset, module_params, routing_stats
 
 DEFAULT_LIMIT = 150      # documents per task by default (the first ones, by doc_id); HellaSwag half as many
 DEFAULT_LAMBADA = 100    # LAMBADA passages by default
+CALIBRATION_PASSAGES = 48  # the last LAMBADA passages: general text for --sparsity, never evaluated
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,11 +341,18 @@ def build(a, path, base_path, device, ctx):
         label = checkpoint.rel_to_root(path)
         if model.router_cfg is None:
             return model, label, None, {"kind": "dense"}
-        offset = model.routing_offset
-        return model, label, lambda: Routing(mode="hard", offset=offset), {"kind": "routed", "offset": offset}
+        info = {"kind": "routed", "offset": model.routing_offset}
+        if a.sparsity is not None:
+            print(f"calibrating the routing offset to skip {a.sparsity} of block parameters on general text ...")
+            windows = general_calibration_windows(model.tokenizer)
+            offset = calibrate(model, windows, a.sparsity, ctx, device)
+            info |= {"offset": offset, "trained_offset": model.routing_offset, "calibrated_to": a.sparsity,
+                     "calibration": f"{CALIBRATION_PASSAGES} last LAMBADA passages"}
+        # the fast path: each sublayer runs only on the tokens that execute it (same results, less work)
+        return model, label, lambda: Routing(mode="hard", offset=info["offset"], fast=True), info
 
     n_blocks, matched = a.shortgpt, None
-    if a.shortgpt_match:
+    if a.shortgpt_match or a.attention_drop_match:
         if a.match_sparsity is not None:
             matched = {"param_sparsity": a.match_sparsity, "source": "--match_sparsity"}
         else:
@@ -353,16 +367,19 @@ def build(a, path, base_path, device, ctx):
             matched = {"param_sparsity": st["param_sparsity"], "source": checkpoint.rel_to_root(path)}
             del routed
     model = Transformer.from_checkpoint(base_path, device=device).eval()
-    if matched is not None:
+    n_attention = a.attention_drop
+    if matched is not None and a.attention_drop_match:
+        n_attention, matched["on"] = attention_modules_for(model.args, matched["param_sparsity"], a.match_modules)
+    elif matched is not None:
         n_blocks = baselines.blocks_for_param_sparsity(model.args.n_layers, matched["param_sparsity"])
-    if max(n_blocks, a.attention_drop) >= model.args.n_layers:
+    if max(n_blocks, n_attention) >= model.args.n_layers:
         raise UserError(f"{base_path} has {model.args.n_layers} blocks; remove fewer than that")
     windows = calibration_text(a.data_dir, model.tokenizer)
     base_label = checkpoint.rel_to_root(base_path)
-    if a.attention_drop:
-        pruned, dropped, _ = baselines.attention_drop(model, windows, a.attention_drop)
-        label = f"attention-drop-{a.attention_drop} ({base_label})"
-        info = {"kind": "attention_drop", "dropped_attention": dropped,
+    if n_attention:
+        pruned, dropped, _ = baselines.attention_drop(model, windows, n_attention)
+        label = f"attention-drop-{n_attention} ({base_label})"
+        info = {"kind": "attention_drop", "dropped_attention": dropped, "matched": matched,
                 "static_sparsity": static_sparsity(model.args, dropped_attention=dropped)}
     else:
         pruned, removed, _ = baselines.shortgpt(model, windows, n_blocks)
@@ -371,6 +388,38 @@ def build(a, path, base_path, device, ctx):
                 "static_sparsity": static_sparsity(model.args, removed_blocks=removed)}
     pruned.tokenizer = model.tokenizer
     return pruned.eval(), label, None, info
+
+
+def general_calibration_windows(tok, n_passages=CALIBRATION_PASSAGES, block=256):
+    """General-domain text for calibrating the routing offset: the last LAMBADA passages (the
+    evaluation scores the first ones), joined by end-of-text tokens, cut into windows of block + 1."""
+    ids = []
+    for context, word in tasks.load_lambada()[-n_passages:]:
+        ids += tok.encode(context + word) + [tok.eos_id]
+    n = len(ids) // (block + 1)
+    return torch.tensor(ids[:n * (block + 1)]).view(n, block + 1)
+
+
+def calibrate(model, windows, target, ctx, device):
+    """Offset at which deterministic routing skips `target` of block parameters on the windows."""
+    def measure(offset):
+        st = evaluate(model, windows, lambda: Routing(mode="hard", offset=offset, fast=True), ctx=ctx, device=device)
+        return st["param_sparsity"]
+    return calibrate_offset(measure, target, lo=-8.0, hi=8.0, iters=10)
+
+
+def attention_modules_for(args, param_sparsity, module_sparsity=None):
+    """Attention sublayers to drop to match a parameter sparsity, or a module sparsity when
+    parameters cannot match: attention holds only ~a quarter of a Llama block's parameters, so a
+    routed model's parameter sparsity is often out of attention drop's reach. -> (n, "params" | "modules")."""
+    attn_all, _ = module_params(args, kv="evict")
+    n = round(param_sparsity * block_params(args) / attn_all * args.n_layers)
+    if n < args.n_layers:
+        return n, "params"
+    if module_sparsity is None:
+        raise UserError(f"parameter sparsity {param_sparsity} needs all {args.n_layers} attention sublayers dropped; "
+                        f"give the module sparsity to match instead: --match_modules M")
+    return min(round(module_sparsity * 2 * args.n_layers), args.n_layers - 1), "modules"
 
 
 @contextlib.contextmanager
@@ -388,15 +437,23 @@ def parse_args(argv=None):
     p.add_argument("--shortgpt", type=int, default=0, help="evaluate ShortGPT: remove this many lowest-BI blocks of the base model")
     p.add_argument("--shortgpt_match", action="store_true",
                    help="ShortGPT with as many blocks as --match_sparsity, or as the routed --model skips on calibration text")
-    p.add_argument("--match_sparsity", type=float, default=None, help="parameter sparsity for --shortgpt_match")
+    p.add_argument("--match_sparsity", type=float, default=None,
+                   help="parameter sparsity for --shortgpt_match / --attention_drop_match")
     p.add_argument("--attention_drop", type=int, default=0, help="evaluate attention drop: remove this many attention sublayers")
+    p.add_argument("--attention_drop_match", action="store_true",
+                   help="attention drop with as many sublayers as --match_sparsity needs (or, out of reach, --match_modules)")
+    p.add_argument("--match_modules", type=float, default=None,
+                   help="module sparsity for --attention_drop_match when the parameter sparsity is out of its reach")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="routed models: recalibrate the routing offset to skip this share of block parameters on "
+                        "general text (default: the run's own offset)")
     p.add_argument("--tasks", nargs="+", default=list(tasks.TASKS),
                    help=f"tasks to run (default: all; 'none' for perplexity only): {' '.join(tasks.TASKS)}")
     p.add_argument("--limit", type=int, default=None,
                    help=f"first N documents of every task, N/2 of HellaSwag (its documents cost the most) "
                         f"(default: {DEFAULT_LIMIT})")
     p.add_argument("--lambada", type=int, default=DEFAULT_LAMBADA, help="first N LAMBADA passages for perplexity (0 = skip)")
-    p.add_argument("--full", action="store_true", help="every document of every task and every LAMBADA passage")
+    p.add_argument("--full", action="store_true", help="every document of every task and every LAMBADA passage (but the calibration ones)")
     p.add_argument("--data_dir", default="data/shakespeare", help="validation windows (val.bin) and calibration text (train.bin)")
     p.add_argument("--batch_tokens", type=int, default=512,
                    help="about this many tokens per forward (documents and passages are grouped to fit; "
@@ -413,12 +470,19 @@ def parse_args(argv=None):
     for t in a.tasks:
         if t not in tasks.TASKS:
             raise UserError(f"unknown task {t!r}; choose from {', '.join(tasks.TASKS)} (or none)")
-    if sum(bool(x) for x in (a.shortgpt, a.shortgpt_match, a.attention_drop)) > 1:
-        raise UserError("choose one baseline: --shortgpt N, --shortgpt_match or --attention_drop N")
+    if sum(bool(x) for x in (a.shortgpt, a.shortgpt_match, a.attention_drop, a.attention_drop_match)) > 1:
+        raise UserError("choose one baseline: --shortgpt N, --shortgpt_match, --attention_drop N or --attention_drop_match")
     if a.shortgpt < 0 or a.attention_drop < 0:
         raise UserError("--shortgpt and --attention_drop take a number of blocks >= 1")
-    if a.match_sparsity is not None and not (a.shortgpt_match and 0 <= a.match_sparsity < 1):
-        raise UserError("--match_sparsity S (0 <= S < 1) goes with --shortgpt_match")
+    if a.match_sparsity is not None and not ((a.shortgpt_match or a.attention_drop_match) and 0 <= a.match_sparsity < 1):
+        raise UserError("--match_sparsity S (0 <= S < 1) goes with --shortgpt_match or --attention_drop_match")
+    if a.match_modules is not None and not (a.attention_drop_match and 0 <= a.match_modules < 1):
+        raise UserError("--match_modules M (0 <= M < 1) goes with --attention_drop_match")
+    if a.attention_drop_match and a.match_sparsity is None:
+        raise UserError("--attention_drop_match needs the sparsity to match: --match_sparsity S [--match_modules M]")
+    if a.sparsity is not None and (not 0 <= a.sparsity < 1 or a.shortgpt or a.shortgpt_match or a.attention_drop
+                                   or a.attention_drop_match):
+        raise UserError("--sparsity S (0 <= S < 1) recalibrates a routed --model; it does not go with a static baseline")
     if (a.limit is not None and a.limit < 1) or a.lambada < 0 or a.batch_tokens < 1:
         raise UserError("--limit and --batch_tokens must be >= 1, --lambada >= 0")
     return a
@@ -456,7 +520,10 @@ def main(argv=None):
     if n_lambada != 0:
         with timed(times, "lambada"), ctx:
             parts["lambada"] = SkipCounter()
-            lam = eval_lambada(model, tok, tasks.load_lambada(n_lambada), routing_factory, parts["lambada"], a.batch_tokens)
+            passages = tasks.load_lambada(n_lambada)
+            if n_lambada is None:  # every passage but the last ones, kept apart for --sparsity's calibration
+                passages = passages[:-CALIBRATION_PASSAGES]
+            lam = eval_lambada(model, tok, passages, routing_factory, parts["lambada"], a.batch_tokens)
             ppl["lambada"] = lam["ppl"]
 
     # -- zero-shot tasks

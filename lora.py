@@ -17,6 +17,7 @@ References:
 - loralib, github.com/microsoft/LoRA (the nn.Linear subclass, mark_only_lora_as_trainable)
 - minLoRA, github.com/cccntu/minLoRA (a small, readable implementation)
 """
+import contextlib
 import math
 from pathlib import Path
 
@@ -121,6 +122,20 @@ def mark_only_lora_trainable(model):
 def lora_state_dict(model):
     """Only the adapter tensors: what a stage-2 run saves."""
     return {k: v for k, v in model.state_dict().items() if k.endswith(("lora_A", "lora_B"))}
+
+
+@contextlib.contextmanager
+def disabled(model):
+    """Run the model without its adapters (the base model), e.g. as the teacher of joint training."""
+    layers = [m for m in lora_layers(model) if not m.merged]
+    scales = [m.scale for m in layers]
+    for m in layers:
+        m.scale = 0.0
+    try:
+        yield model
+    finally:
+        for m, scale in zip(layers, scales):
+            m.scale = scale
 
 
 def merge_lora(model):

@@ -73,15 +73,23 @@ class Router(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # The gate
 
-def gumbel_gate(logits, tau):
+def gumbel_gate(logits, tau, estimator="ste"):
     """Hard Gumbel-softmax with a straight-through gradient. logits (..., 2) -> gate (...,) in {0, 1}.
 
     Forward value: one_hot(argmax(logits + G))[0], exactly 0 or 1 (tau does not change it).
     Backward: the gradient of the soft y[0] = softmax((logits + G) / tau)[0]; tau shapes it.
+    estimator (for experiments; the method is "ste"):
+      "soft": y itself in both passes: a relaxed gate, trained on outputs scaled by y in (0, 1),
+              though inference gates are 0 or 1;
+      "none": the hard value with no gradient at all: nothing reaches the routers.
     """
     gumbels = -torch.empty_like(logits, dtype=torch.float32).exponential_().log()
     y = ((logits.float() + gumbels) / tau).softmax(-1)[..., 0]
     hard = (y >= 0.5).float()
+    if estimator == "soft":
+        return y
+    if estimator == "none":
+        return hard
     return hard + (y - y.detach())  # y - y.detach() is exactly 0 in the forward, so the value stays 0/1
 
 
@@ -101,6 +109,7 @@ class Routing:
     force: (n_layers, 2, B, T_total) 0/1 decisions by absolute position; index 0 = attention, 1 = MLP.
     fast: run only the sublayers that execute (model.py's gather/scatter path) instead of masking
           their outputs. Same result, less work; needs no gradient through the gates, so not "gumbel".
+    estimator: how "gumbel" gates pass gradients (gumbel_gate): "ste" (the method), "soft", "none".
     gates: filled by the forward pass, one (g_attn, g_mlp) pair of (B, T) tensors per layer.
     """
     mode: str = "hard"
@@ -108,6 +117,7 @@ class Routing:
     offset: float = 0.0
     force: torch.Tensor | None = None
     fast: bool = False
+    estimator: str = "ste"
     gates: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -116,7 +126,7 @@ class Routing:
 
     def gate(self, logits, layer, module, start_pos=0):
         if self.mode == "gumbel":
-            return gumbel_gate(logits, self.tau)
+            return gumbel_gate(logits, self.tau, self.estimator)
         if self.mode == "hard":
             return hard_gate(logits, self.offset)
         if self.mode == "sample":

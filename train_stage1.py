@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import assets
+import lora
 from checkpoint import atomic_save_tensors, atomic_torch_save, atomic_write_text, base_reference
 from common import (JsonlLog, VAL_WINDOWS, all_reduce_mean, dense_val_loss, evaluate, get_batch, linear, load_split, lr_at,
                     model_flops_per_token, parse_settings, prepare_out_dir, rng_state, set_rng_state, setting,
@@ -63,6 +64,11 @@ class Settings:
     kv: str = setting("keep", "K/V of a token that skips attention: keep (still attended to) | evict")
     protect_first: int = setting(2, "the first N blocks always execute")
     calibrate: bool = setting(True, "after training, calibrate a logit offset so deterministic routing hits the target")
+    gate_estimator: str = setting("ste", "gradient of the hard Gumbel gates: ste (straight-through, the method) | "
+                                         "soft (relaxed gates in training) | none (no gradient: what breaks without STE)")
+    joint_lora_r: int = setting(0, "one-stage training: also train LoRA of this rank (wq, wv, w1) with the routers "
+                                   "(the paper's 'joint' ablation); 0 = off, the two-stage method")
+    joint_lora_lr: float = setting(2e-4, "learning rate of the jointly trained LoRA (stage 2's)")
     # -- optimization
     max_iters: int = setting(100, "optimizer steps")
     batch_size: int = setting(4, "sequences per micro-batch")
@@ -91,6 +97,7 @@ class Settings:
         for name, allowed in [("weighting", ("params", "modules")), ("budget", ("global", "per_layer")),
                               ("router_kind", ("linear", "mlp")), ("mlp_input", ("block", "post_attn")),
                               ("router_init", ("execute", "paper")), ("kv", ("keep", "evict")),
+                              ("gate_estimator", ("ste", "soft", "none")),
                               ("lr_schedule", ("constant", "cosine"))]:
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -100,6 +107,8 @@ class Settings:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.sparsity_warmup < 1:
             raise UserError(f"--sparsity_warmup must be in [0, 1), got {self.sparsity_warmup}")
+        if self.joint_lora_r < 0:
+            raise UserError(f"--joint_lora_r must be >= 0 (0 = off), got {self.joint_lora_r}")
         if self.tau_start <= 0 or self.tau_end <= 0:
             raise UserError("--tau_start and --tau_end must be > 0")
 
@@ -123,11 +132,11 @@ def train_step_loss(model, x, y, s, it, weights, ctx):
     warm = s.sparsity_warmup * s.max_iters
     target = s.target_sparsity * min(1.0, (it + 1) / warm) if warm >= 1 else s.target_sparsity
     with ctx:
-        routing = Routing(mode="gumbel", tau=tau)
+        routing = Routing(mode="gumbel", tau=tau, estimator=s.gate_estimator)
         logits, ce = model(x, y, routing=routing)
         if s.distill:
-            with torch.no_grad():
-                teacher, _ = model(x)  # the dense model: routing off
+            with torch.no_grad(), lora.disabled(model):
+                teacher, _ = model(x)  # the dense model: routing off (and, in joint training, LoRA off)
             task = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher.float(), -1),
                             log_target=True, reduction="none").sum(-1).mean()
         else:
@@ -149,6 +158,10 @@ def calibrate(model, windows, target, weighting, ctx, device):
     return calibrate_offset(measure, target, lo=-8.0, hi=8.0, iters=12)
 
 
+def joint_lora_config(s):
+    return {"targets": list(lora.DEFAULT_TARGETS), "r": s.joint_lora_r, "alpha": 2.0 * s.joint_lora_r, "dropout": 0.1}
+
+
 def save_run(out_dir, model, s, it, optimizer, rngs, offset, final=False):
     """config.json + routers.safetensors (what the run is) and ckpt.pt (how to resume it), atomically.
 
@@ -157,6 +170,9 @@ def save_run(out_dir, model, s, it, optimizer, rngs, offset, final=False):
     """
     cfg = {"format": "stage1", "base": base_reference(model), "router": model.router_cfg.to_dict(),
            "offset": offset, "iter": it, "finished": final, "settings": dataclasses.asdict(s)}
+    if s.joint_lora_r:
+        cfg["lora"] = joint_lora_config(s)
+        atomic_save_tensors(lora.lora_state_dict(model), out_dir / "lora.safetensors")
     atomic_save_tensors(model.router_state_dict(), out_dir / "routers.safetensors")
     atomic_torch_save({"iter": it, "optimizer": optimizer.state_dict(), "rng": rngs[0],
                        "batch_rng": rngs[1]}, out_dir / "ckpt.pt")
@@ -188,8 +204,15 @@ def main(argv=None):
     model.add_routers(s.router_config())
     torch.manual_seed(s.seed + rank)  # but each process draws its own Gumbel noise
     router_params = [p for n, p in model.named_parameters() if "_router." in n]
+    groups = [{"params": router_params, "lr": s.learning_rate, "weight_decay": s.weight_decay}]
+    if s.joint_lora_r:  # the one-stage ablation: adapters train from the first step, beside the routers
+        lc = joint_lora_config(s)
+        lora.add_lora(model, tuple(lc["targets"]), lc["r"], lc["alpha"], lc["dropout"])
+        groups.append({"params": [p for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B"))],
+                       "lr": s.joint_lora_lr, "weight_decay": 0.0, "lora": True})
+    trainable = [p for g in groups for p in g["params"]]
     weights = module_params(model.args, s.kv)
-    optimizer = torch.optim.AdamW(router_params, lr=s.learning_rate, weight_decay=s.weight_decay)
+    optimizer = torch.optim.AdamW(groups)
     start_iter = 0
     gen = torch.Generator().manual_seed(s.seed + rank)
     if s.resume:
@@ -197,10 +220,15 @@ def main(argv=None):
         if cfg["base"]["fingerprint"] != model.source["fingerprint"]:
             raise UserError(f"--resume: {out_dir} holds routers for base {cfg['base']['path']} "
                             f"(fingerprint {cfg['base']['fingerprint']}), not for {init_dir}")
+        if bool(cfg.get("lora")) != bool(s.joint_lora_r):
+            raise UserError(f"--resume: {out_dir} was trained with --joint_lora_r {cfg.get('lora', {}).get('r', 0)}; "
+                            f"pass the same value")
         if cfg["router"] != model.router_cfg.to_dict():
             raise UserError(f"--resume: the router settings differ from those {out_dir} was trained with")
         from safetensors.torch import load_file
         model.load_state_dict(load_file(out_dir / "routers.safetensors", device=str(device)), strict=False)
+        if s.joint_lora_r:
+            model.load_state_dict(load_file(out_dir / "lora.safetensors", device=str(device)), strict=False)
         state = torch.load(out_dir / "ckpt.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
@@ -220,8 +248,8 @@ def main(argv=None):
 
     n_tok = s.batch_size * s.block_size * s.gradient_accumulation_steps * world
     if master:
-        print(f"stage 1: {init_dir} -> {out_dir} | {sum(p.numel() for p in router_params):,} router parameters "
-              f"trainable, base frozen | target {s.target_sparsity} ({s.weighting}), alpha {s.alpha}, "
+        print(f"stage 1: {init_dir} -> {out_dir} | {sum(p.numel() for p in trainable):,} parameters "
+              f"trainable ({'routers + LoRA, joint' if s.joint_lora_r else 'routers'}), base frozen | target {s.target_sparsity} ({s.weighting}), alpha {s.alpha}, "
               f"{'KL to dense' if s.distill else 'CE'} | {s.max_iters} steps x {n_tok} tokens | {device} {dtype}"
               f"{f' x{world}' if world > 1 else ''}")
         if s.recipe == "paper":
@@ -244,20 +272,21 @@ def main(argv=None):
         for it in bar:
             lr = lr_at(it, s.max_iters, s.learning_rate, s.lr_schedule, s.warmup_iters)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * (s.joint_lora_lr / s.learning_rate if group.get("lora") else 1.0)
             stats = []
             for _ in range(s.gradient_accumulation_steps):
                 x, y = get_batch(train_data, s.batch_size, s.block_size, gen, device)
                 loss, info = train_step_loss(model, x, y, s, it, weights, ctx)
-                (loss / s.gradient_accumulation_steps).backward()
+                if loss.requires_grad:  # with --gate_estimator none nothing trainable is in the graph
+                    (loss / s.gradient_accumulation_steps).backward()
                 stats.append(info | {"loss": loss.item()})
             if world > 1:  # routers are tiny: average their gradients by hand (no DDP wrapper needed)
-                for p in router_params:
+                for p in trainable:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     all_reduce_mean(p.grad, world)
             if s.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(router_params, s.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trainable, s.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done, step_rngs = it + 1, (rng_state(), gen.get_state())
@@ -305,13 +334,15 @@ def final_report(model, s, windows, offset, ctx, device, init_dir, out_dir, trai
     from baselines import blocks_for_param_sparsity, shortgpt
     import plots
     print(f"validating on {len(windows)} fixed windows of the held-out plays (deterministic gates) ...")
-    dense = dense_val_loss(model, windows, ctx, device, Path(s.data_dir))
+    with lora.disabled(model):  # the references are the base model (a joint run's LoRA off)
+        dense = dense_val_loss(model, windows, ctx, device, Path(s.data_dir))
     routed = evaluate(model, windows, lambda: Routing(mode="hard", offset=offset), ctx=ctx, device=device)
     n_blocks = blocks_for_param_sparsity(model.args.n_layers, routed["param_sparsity"])
     short = {"loss": float("nan"), "ppl": float("nan")}
     if n_blocks > 0:
-        pruned, removed, _ = shortgpt(model, calibration_windows(load_split(s.data_dir, "train", model.tokenizer)), n_blocks)
-        short = evaluate(pruned, windows, None, ctx=ctx, device=device)
+        with lora.disabled(model):
+            pruned, removed, _ = shortgpt(model, calibration_windows(load_split(s.data_dir, "train", model.tokenizer)), n_blocks)
+            short = evaluate(pruned, windows, None, ctx=ctx, device=device)
     short_sparsity = n_blocks / model.args.n_layers
     flops = model_flops_per_token(model.args, s.block_size)
     tok_s = tokens_trained / max(train_time, 1e-9)

@@ -16,7 +16,7 @@ import eval as ev
 import tasks
 from errors import UserError
 from model import ModelArgs, Transformer
-from router import RouterConfig, Routing, routing_stats
+from router import RouterConfig, Routing, block_params, module_params, routing_stats
 
 ARGS = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, vocab_size=101, max_seq_len=128)
 
@@ -109,13 +109,17 @@ DOCS = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["dense", "routed-keep", "routed-evict"])
+@pytest.mark.parametrize("kind", ["dense", "routed-keep", "routed-evict", "routed-keep-fast", "routed-evict-fast"])
 def test_fast_scoring_equals_naive(kind):
+    """Batched, prefix-shared scoring == one full forward per choice; with "-fast" the batched side
+    also runs the gather/scatter execution path eval.py uses, against the masked reference."""
     model = tiny_model(1)
     factory = None
     if kind != "dense":
         model, factory = routed(model, kind.split("-")[1])
     naive = [ev.score_choices_naive(model, pairs, factory) for pairs in DOCS]
+    if kind.endswith("-fast"):
+        factory = lambda: Routing(mode="hard", fast=True)
     # one document at a time, two documents sharing a prefix of 3 tokens, all four (P = 0)
     for batch in [[0], [1], [2], [3], [0, 1], [1, 0, 3], [0, 1, 2, 3]]:
         counter = ev.SkipCounter()
@@ -206,6 +210,27 @@ def test_shortgpt_removes_exactly_the_chosen_blocks():
     assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
 
 
+def test_attention_drop_matches_params_then_modules():
+    args = tiny_model(4).args
+    attn_share = module_params(args, kv="evict")[0] / block_params(args)
+    # a parameter sparsity of k attention sublayers' worth: exactly k dropped
+    assert ev.attention_modules_for(args, 2 * attn_share / args.n_layers) == (2, "params")
+    # out of reach (all attention is not enough): matched on the module count instead
+    with pytest.raises(UserError, match="--match_modules"):
+        ev.attention_modules_for(args, attn_share)
+    assert ev.attention_modules_for(args, attn_share, module_sparsity=0.25) == (2, "modules")  # 0.25 * 8 modules
+    assert ev.attention_modules_for(args, 0.9, module_sparsity=0.9) == (3, "modules")         # never all of them
+
+
+def test_general_calibration_windows_are_the_last_passages(tmp_path, monkeypatch):
+    monkeypatch.setattr(tasks, "load_lambada", lambda limit=None: [(f"passage {i}", " w") for i in range(100)])
+    tok = CharTokenizer()
+    w = ev.general_calibration_windows(tok, n_passages=10, block=15)
+    ids = w.flatten().tolist()
+    assert w.shape[1] == 16 and ids[:len(tok.encode("passage 90"))] == tok.encode("passage 90")
+    assert tok.eos_id in ids  # passages are joined by end-of-text tokens
+
+
 # ---- task files ---------------------------------------------------------------------------------
 
 def request(doc_id, idx, label, context, continuation):
@@ -256,6 +281,14 @@ def test_command_line_errors():
         ev.parse_args(["--tasks", "mmlu"])
     with pytest.raises(UserError, match="--match_sparsity"):
         ev.parse_args(["--match_sparsity", "0.3"])
+    with pytest.raises(UserError, match="--match_modules"):
+        ev.parse_args(["--shortgpt_match", "--match_modules", "0.3"])
+    with pytest.raises(UserError, match="needs the sparsity"):
+        ev.parse_args(["--attention_drop_match"])
+    with pytest.raises(UserError, match="--sparsity"):
+        ev.parse_args(["--sparsity", "1.5"])
+    with pytest.raises(UserError, match="static baseline"):
+        ev.parse_args(["--sparsity", "0.3", "--shortgpt", "4"])
     assert ev.parse_args(["--tasks", "piqa,boolq", "arc_easy"]).tasks == ["piqa", "boolq", "arc_easy"]
     assert ev.parse_args(["--tasks", "none"]).tasks == []
 

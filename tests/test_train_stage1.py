@@ -158,3 +158,39 @@ def test_torchrun_two_gloo_processes(tiny, tmp_path):
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert summary["out_dir"] == str(tmp_path / "run")
     assert json.loads((tmp_path / "run" / "config.json").read_text())["iter"] == 2
+
+
+def test_joint_run_trains_lora_and_routers_and_loads_back(tiny, tmp_path, capsys):
+    """--joint_lora_r: one-stage training; the run holds LoRA beside the routers and loads with both."""
+    base, _ = tiny
+    summary = run(args_for(tiny, tmp_path / "run", "--max_iters", "3", "--joint_lora_r", "4",
+                           "--joint_lora_lr", "0.01"), capsys)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["lora"]["r"] == 4 and (tmp_path / "run" / "lora.safetensors").exists()
+    adapters = load_file(tmp_path / "run" / "lora.safetensors")
+    assert any(k.endswith("lora_B") and v.abs().max() > 0 for k, v in adapters.items())  # B left zero: LoRA trained
+    model = Transformer.from_checkpoint(tmp_path / "run")
+    assert model.router_cfg is not None and any(n.endswith("lora_A") for n, _ in model.named_parameters())
+    dense = Transformer.from_checkpoint(base)
+    x = torch.randint(0, 256, (1, 16))
+    import lora
+    with torch.no_grad(), lora.disabled(model):  # LoRA off and no routing: exactly the base model
+        assert torch.allclose(model(x)[0], dense(x)[0], atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(model(x)[0], dense(x)[0], atol=1e-5)
+    assert summary["val_loss_dense"] == pytest.approx(
+        run(args_for(tiny, tmp_path / "plain", "--max_iters", "1"), capsys)["val_loss_dense"])
+
+
+@pytest.mark.parametrize("estimator", ["soft", "none"])
+def test_gate_estimators(tiny, tmp_path, estimator):
+    """Without a straight-through gradient ("none") the routers receive nothing and never change;
+    the relaxed "soft" gates train them."""
+    train_stage1.main(args_for(tiny, tmp_path / "run", "--max_iters", "2", "--calibrate", "false",
+                               "--gate_estimator", estimator))
+    after = load_file(tmp_path / "run" / "routers.safetensors")
+    cfg = Transformer.from_checkpoint(tmp_path / "run").router_cfg
+    torch.manual_seed(1337)  # the run's seed: the routers it started from
+    fresh = Transformer.from_checkpoint(tiny[0]).add_routers(cfg)
+    moved = any(not torch.equal(v, fresh.state_dict()[k]) for k, v in after.items())
+    assert moved == (estimator == "soft")

@@ -1,0 +1,419 @@
+"""The project's two studies, each one command: the results table and the ablations.
+
+    python experiments.py results             # dense, LoRA, SkipGPT at 25% / 40%, static baselines (~1.5 h on 2 cores)
+    python experiments.py ablations           # router kind, MLP router input, weighting, budget, K/V, joint, alpha (~2 h)
+    python experiments.py ablations --quick   # the same rows, 30 training steps, no zero-shot (~25 min)
+
+Each study is a list of jobs: training runs (train_stage1.py, train_stage2.py) and evaluations
+(eval.py), run as subprocesses, --jobs at a time on one CPU thread each (on this 2-core machine,
+two one-thread jobs finish sooner than one two-thread job after the other). A job whose output
+already exists is not run again, so an interrupted study resumes where it stopped; --rerun_evals
+redoes the evaluations. Every job's output goes to its log file under the study's directory. Then
+the speeds are measured, alone and interleaved (speed_phase), and the study writes its markdown
+table, its figures and a JSON file, and prints the table.
+
+results (out/results/):
+  rows      dense; dense + LoRA; SkipGPT stage 1 at 25% and 40% of block parameters; stage 1 + LoRA
+            at 25%; ShortGPT and attention drop at the sparsity SkipGPT reached on the evaluation text
+            (attention drop on the module count where parameters are out of its reach).
+  sparsity  the routers were tuned on Shakespeare, the tasks are general text: eval.py --sparsity S
+            recalibrates each routed model's offset on general text (held-out LAMBADA passages).
+  curve     the default stage-1 routers at several sparsities beside ShortGPT at the same ones:
+            quality_vs_sparsity.png, the headline figure.
+  speed     prefill of 512 tokens of held-out text, every model's own routing on the fast path.
+ablations (out/ablations/, quick: out/ablations-quick/):
+  one stage-1 run per row, each changing one setting of the default (the default row is the main
+  job's run, out/stage1; in --quick form its own 30-step run); val perplexity and sparsity from the
+  run's summary; zero-shot on the default subsets only for rows whose perplexity differs from the
+  default row's by more than ZERO_SHOT_PPL_RATIO (smaller differences do not show above the
+  zero-shot noise); speed as above, on held-out plays text.
+"""
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from errors import UserError, cli
+
+PY = sys.executable
+TASK_NAMES = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+SWEEP = (0.10, 0.25, 0.40, 0.55)       # sparsities of the quality-vs-sparsity curve (0.25: the table's row)
+ZERO_SHOT_PPL_RATIO = 1.5              # ablation rows this far from the default row's perplexity get zero-shot
+QUICK_STEPS = 30
+
+
+# ----------------------------------------------------------------------------------------------
+# Jobs: a command, the file it produces, the jobs it waits for
+
+class Job:
+    def __init__(self, name, cmd, output, deps=()):
+        self.name, self.output, self.deps = name, Path(output), list(deps)
+        self.cmd = cmd  # a list, or a callable returning one (for commands that need earlier results)
+
+
+def run_jobs(jobs, n_parallel, log_dir):
+    """Run every job whose output is missing, n_parallel at a time, each after its deps. -> failed names."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pending = [j for j in jobs if not j.output.exists()]
+    done = {j.name for j in jobs if j.output.exists()}
+    failed, running = set(), {}
+    if not pending:
+        return failed
+    bar = tqdm(total=len(pending), desc="jobs", dynamic_ncols=True)
+    while pending or running:
+        for j in list(pending):
+            if any(d in failed for d in j.deps):
+                pending.remove(j)
+                failed.add(j.name)
+                bar.write(f"skipped {j.name}: a job it needs failed")
+                bar.update()
+            elif len(running) < n_parallel and all(d in done for d in j.deps):
+                cmd = j.cmd() if callable(j.cmd) else j.cmd
+                log = open(log_dir / f"{j.name}.log", "w")
+                log.write(" ".join(map(str, cmd)) + "\n\n")
+                log.flush()
+                running[j.name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, j, time.time())
+                pending.remove(j)
+                bar.write(f"started {j.name}: {' '.join(map(str, cmd[1:]))}")
+        for name, (proc, log, j, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            ok = proc.returncode == 0 and j.output.exists()
+            (done if ok else failed).add(name)
+            bar.write(f"{'finished' if ok else 'FAILED'} {name} in {time.time() - t0:.0f} s"
+                      + ("" if ok else f" (see {log_dir / (name + '.log')})"))
+            bar.update()
+        time.sleep(1)
+    bar.close()
+    return failed
+
+
+def eval_cmd(out, *flags):
+    return [PY, "eval.py", "--threads", "1", "--out", str(out), *map(str, flags)]
+
+
+def read(path):
+    return json.loads(Path(path).read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed: every model once per repetition, in rotating order; medians
+
+@torch.no_grad()
+def speed_phase(models, text, repeats=5, threads=2):
+    """models: {name: (model, routing factory or None)}; text (1, T) tokens. -> {name: (tokens/s, speedup)}."""
+    torch.set_num_threads(threads)
+    names = list(models)
+    times = {n: [] for n in names}
+    for rep in range(repeats + 1):  # repetition 0 warms up
+        for n in names[rep % len(names):] + names[:rep % len(names)]:
+            model, factory = models[n]
+            t0 = time.perf_counter()
+            model(text, routing=factory() if factory else None)
+            if rep:
+                times[n].append(time.perf_counter() - t0)
+    t_dense = statistics.median(times[names[0]])
+    return {n: (text.numel() / statistics.median(times[n]), t_dense / statistics.median(times[n])) for n in names}
+
+
+def load_for_speed(result, base_path):
+    """The model an eval.py result describes, ready to time: routed on the fast path, LoRA merged in."""
+    import baselines
+    from lora import merge_lora
+    from model import Transformer
+    from router import Routing
+    kind = result["kind"]
+    if kind in ("shortgpt", "attention_drop"):
+        base = Transformer.from_checkpoint(base_path)
+        if kind == "shortgpt":
+            return baselines.remove_blocks(base, result["removed_blocks"]), None
+        return baselines.drop_attention(base, result["dropped_attention"]), None
+    model = merge_lora(Transformer.from_checkpoint(result["path"]))
+    if kind == "dense":
+        return model, None
+    offset = result["offset"]
+    return model, (lambda: Routing(mode="hard", offset=offset, fast=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# The results study
+
+def results_rows(d):
+    """(name, label, job) for every evaluated model, and the training jobs they need."""
+    train = [Job("train-stage1", [PY, "train_stage1.py", "--threads", "1"], "out/stage1/summary.json"),
+             Job("train-stage1-t0.40", [PY, "train_stage1.py", "--target_sparsity", "0.4", "--out_dir", "out/stage1-t0.40",
+                                        "--threads", "1"], "out/stage1-t0.40/summary.json"),
+             Job("train-stage2", [PY, "train_stage2.py", "--threads", "1"], "out/stage2/summary.json", ["train-stage1"]),
+             Job("train-stage2-dense", [PY, "train_stage2.py", "--dense", "true", "--threads", "1"],
+                 "out/stage2-dense/summary.json", ["train-stage1"])]
+    rows = [("dense", "dense SmolLM2-135M", Job("dense", eval_cmd(d / "dense.json"), d / "dense.json")),
+            ("dense+lora", "dense + LoRA", Job("dense+lora", eval_cmd(d / "dense+lora.json", "--model", "out/stage2-dense"),
+                                               d / "dense+lora.json", ["train-stage2-dense"])),
+            ("skipgpt-0.25", "SkipGPT stage 1, 25%", Job("skipgpt-0.25", eval_cmd(d / "skipgpt-0.25.json", "--model", "out/stage1",
+                                                                                  "--sparsity", 0.25), d / "skipgpt-0.25.json", ["train-stage1"])),
+            ("skipgpt-0.40", "SkipGPT stage 1, 40%", Job("skipgpt-0.40", eval_cmd(d / "skipgpt-0.40.json", "--model", "out/stage1-t0.40",
+                                                                                  "--sparsity", 0.4), d / "skipgpt-0.40.json", ["train-stage1-t0.40"])),
+            ("skipgpt-0.25+lora", "SkipGPT stage 1 + LoRA, 25%",
+             Job("skipgpt-0.25+lora", eval_cmd(d / "skipgpt-0.25+lora.json", "--model", "out/stage2", "--sparsity", 0.25),
+                 d / "skipgpt-0.25+lora.json", ["train-stage2"]))]
+    for s in ("0.25", "0.40"):  # the static baselines at the sparsity the routed model reached on the eval text
+        src = d / f"skipgpt-{s}.json"
+        p = lambda src=src: read(src)["sparsity"]
+        rows.append((f"shortgpt@{s}", f"ShortGPT at SkipGPT-{s[2:]}%'s sparsity",
+                     Job(f"shortgpt@{s}", lambda s=s, p=p: eval_cmd(d / f"shortgpt@{s}.json", "--shortgpt_match",
+                                                                    "--match_sparsity", round(p()["param_sparsity"], 4)),
+                         d / f"shortgpt@{s}.json", [f"skipgpt-{s}"])))
+        rows.append((f"attention-drop@{s}", f"attention drop at SkipGPT-{s[2:]}%'s sparsity",
+                     Job(f"attention-drop@{s}", lambda s=s, p=p: eval_cmd(
+                         d / f"attention-drop@{s}.json", "--attention_drop_match", "--match_sparsity",
+                         round(p()["param_sparsity"], 4), "--match_modules", round(p()["module_sparsity"], 4)),
+                         d / f"attention-drop@{s}.json", [f"skipgpt-{s}"])))
+    curve = []
+    for s in SWEEP:
+        name = f"skipgpt-0.25@{s:.2f}"
+        if s == 0.25:
+            name = "skipgpt-0.25"
+        else:
+            curve.append(Job(name, eval_cmd(d / f"{name}.json", "--model", "out/stage1", "--sparsity", s),
+                             d / f"{name}.json", ["train-stage1"]))
+        src = d / f"{name}.json"
+        if s not in (0.25, 0.40):
+            curve.append(Job(f"shortgpt@{s:.2f}", lambda s=s, src=src: eval_cmd(
+                d / f"shortgpt@{s:.2f}.json", "--shortgpt_match", "--match_sparsity",
+                round(read(src)["sparsity"]["param_sparsity"], 4)), d / f"shortgpt@{s:.2f}.json", [name]))
+    return train, rows, curve
+
+
+def study_results(a):
+    d = Path(a.out_dir or "out/results")
+    train, rows, curve = results_rows(d)
+    if a.rerun_evals:
+        for j in [r[2] for r in rows] + curve:
+            j.output.unlink(missing_ok=True)
+    failed = run_jobs(train + [r[2] for r in rows] + curve, a.jobs, d / "logs")
+    results = {name: read(job.output) for name, _, job in rows if job.output.exists()}
+    if "dense" not in results:
+        raise UserError(f"the dense evaluation failed; see {d / 'logs' / 'dense.log'}")
+
+    # -- speed: prefill of 512 tokens of held-out text, every model as evaluated
+    import assets
+    from common import load_split, val_windows
+    from model import Transformer
+    print("measuring speed (prefill of 512 held-out tokens, 2 threads, interleaved, median of 5) ...")
+    base_path = assets.DEFAULT_MODEL_DIR
+    tok = Transformer.from_checkpoint(base_path).tokenizer
+    text = val_windows(load_split("data/shakespeare", "val", tok), n=1, block=512)[:, :512]
+    for name, r in results.items():
+        r["path"] = {"dense": str(base_path), "dense+lora": "out/stage2-dense", "skipgpt-0.25": "out/stage1",
+                     "skipgpt-0.40": "out/stage1-t0.40", "skipgpt-0.25+lora": "out/stage2"}.get(name)
+    speeds = speed_phase({name: load_for_speed(r, base_path) for name, r in results.items()}, text)
+
+    # -- the table
+    dense_avg = results["dense"]["avg_acc"]
+    lines = ["| model | param sparsity (attn / MLP skip) | plays ppl | LAMBADA ppl | "
+             + " | ".join(TASK_NAMES) + " | avg acc (% of dense) | prefill speedup |",
+             "|---" * (len(TASK_NAMES) + 6) + "|"]
+    for name, label, _ in rows:
+        if name not in results:
+            lines.append(f"| {label} | (failed: see {d / 'logs' / (name + '.log')}) |")
+            continue
+        r, sp = results[name], results[name]["sparsity"]
+        lines.append(f"| {label} | {sp['param_sparsity']:.3f} ({sp['attn_skip']:.2f} / {sp['mlp_skip']:.2f}) | "
+                     f"{r['ppl']['shakespeare']:.1f} | {r['ppl']['lambada']:.1f} | "
+                     + " | ".join(f"{r['tasks'][t]['acc']:.3f}" for t in TASK_NAMES)
+                     + f" | {r['avg_acc']:.3f} ({r['avg_acc'] / dense_avg:.0%}) | {speeds[name][1]:.2f}x |")
+    n = {t: results["dense"]["tasks"][t]["n"] for t in TASK_NAMES}
+    p = {t: results["dense"]["tasks"][t]["acc"] for t in TASK_NAMES}
+    se_avg = math.sqrt(sum(p[t] * (1 - p[t]) / n[t] for t in TASK_NAMES)) / len(TASK_NAMES)
+    se_task = max(math.sqrt(p[t] * (1 - p[t]) / n[t]) for t in TASK_NAMES)
+    lines.append(f"\nDocuments per task: {', '.join(f'{t} {n[t]}' for t in TASK_NAMES)}. Standard error of one task's "
+                 f"accuracy up to {se_task:.3f}, of the average {se_avg:.3f}: smaller differences are noise.")
+    table = "\n".join(lines)
+
+    # -- the headline figure
+    points = {"SkipGPT (out/stage1 routers, recalibrated)": [], "ShortGPT": [], "attention drop": []}
+    for f in sorted(d.glob("*.json")):
+        if f.name in ("results.json",):
+            continue
+        r = read(f)
+        key = ("SkipGPT (out/stage1 routers, recalibrated)" if f.stem.startswith("skipgpt-0.25") and "lora" not in f.stem
+               else "ShortGPT" if r["kind"] == "shortgpt" else "attention drop" if r["kind"] == "attention_drop" else None)
+        if key:
+            points[key].append((r["sparsity"]["param_sparsity"], r["ppl"]["lambada"], r["ppl"]["shakespeare"], r["avg_acc"]))
+    extra = {"SkipGPT trained for 40%": results.get("skipgpt-0.40")}
+    plot_quality(points, results["dense"], extra, d / "quality_vs_sparsity.png")
+    summary = {"rows": {name: {**{k: results[name][k] for k in ("ppl", "avg_acc", "sparsity")},
+                               "tasks": {t: results[name]["tasks"][t]["acc"] for t in TASK_NAMES},
+                               "prefill_tokens_per_s": speeds[name][0], "prefill_speedup": speeds[name][1]}
+                        for name in results},
+               "curve": points, "se_avg_acc": se_avg, "failed": sorted(failed)}
+    (d / "results.md").write_text(table + "\n")
+    (d / "results.json").write_text(json.dumps(summary, indent=1))
+    print("\n" + table)
+    print(f"\nwrote {d / 'results.md'}, {d / 'results.json'}, {d / 'quality_vs_sparsity.png'}")
+    if failed:
+        raise UserError(f"{len(failed)} job(s) failed: {', '.join(sorted(failed))}; logs in {d / 'logs'}")
+    print(json.dumps(summary))
+
+
+def plot_quality(points, dense, extra, path):
+    import plots  # noqa: F401  (Agg backend)
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"SkipGPT (out/stage1 routers, recalibrated)": "o-", "ShortGPT": "^--", "attention drop": "s:"}
+    for key, pts in points.items():
+        if not pts:
+            continue
+        pts = sorted(pts)
+        x = [0.0] + [q[0] for q in pts]
+        a.plot(x, [dense["ppl"]["lambada"]] + [q[1] for q in pts], styles[key], label=key)
+        b.plot(x, [dense["avg_acc"]] + [q[3] for q in pts], styles[key], label=key)
+    for key, r in extra.items():
+        if r:
+            a.plot(r["sparsity"]["param_sparsity"], r["ppl"]["lambada"], "*", ms=12, label=key)
+            b.plot(r["sparsity"]["param_sparsity"], r["avg_acc"], "*", ms=12, label=key)
+    a.set_yscale("log"), a.set_ylabel("LAMBADA perplexity (log)")
+    b.set_ylabel("average zero-shot accuracy (7 tasks)")
+    for ax in (a, b):
+        ax.set_xlabel("block parameters skipped on the evaluation text"), ax.grid(alpha=0.3, which="both")
+    b.legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M: quality against sparsity, dynamic (SkipGPT) vs static pruning")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# The ablation study
+
+ABLATIONS = [  # (row, what it tests, train_stage1.py flags)
+    ("default", "this project's defaults", []),
+    ("router-mlp", "router: MLP dim -> dim/4 -> 2 (the authors' code) instead of linear", ["--router_kind", "mlp"]),
+    ("mlp_input-post_attn", "MLP router reads the post-attention state instead of the block input", ["--mlp_input", "post_attn"]),
+    ("weighting-modules", "sparsity counted in modules (the paper) instead of block parameters", ["--weighting", "modules"]),
+    ("budget-per_layer", "a budget per block (Mixture-of-Depths-like) instead of one global budget", ["--budget", "per_layer"]),
+    ("kv-evict", "a token that skips attention leaves no K/V (evict) instead of keeping them", ["--kv", "evict"]),
+    ("joint", "one stage: LoRA r 16 trained together with the routers", ["--joint_lora_r", "16"]),
+    ("alpha-2", "sparsity loss weight alpha 2 (default 8)", ["--alpha", "2"]),
+    ("alpha-32", "sparsity loss weight alpha 32 (default 8)", ["--alpha", "32"]),
+]
+
+
+def study_ablations(a):
+    d = Path(a.out_dir or ("out/ablations-quick" if a.quick else "out/ablations"))
+    steps = ["--max_iters", str(QUICK_STEPS)] if a.quick else []
+    run_dir = {row: (Path("out/stage1") if row == "default" and not a.quick else d / row) for row, _, _ in ABLATIONS}
+    train = [Job(f"train-{row}", [PY, "train_stage1.py", "--out_dir", str(run_dir[row]), "--threads", "1", *steps, *flags],
+                 run_dir[row] / "summary.json") for row, _, flags in ABLATIONS]
+    failed = run_jobs(train, a.jobs, d / "logs")
+    summaries = {row: read(run_dir[row] / "summary.json") for row, _, _ in ABLATIONS if (run_dir[row] / "summary.json").exists()}
+    if "default" not in summaries:
+        raise UserError(f"the default row failed; see {d / 'logs'}")
+
+    # -- zero-shot where it can show something: rows far from the default row's perplexity, and the default
+    ref = summaries["default"]["val_ppl_routed"]
+    zero_shot = [row for row, s in summaries.items() if not a.quick and
+                 (row == "default" or max(s["val_ppl_routed"] / ref, ref / s["val_ppl_routed"]) > ZERO_SHOT_PPL_RATIO)]
+    evals = [Job(f"eval-{row}", eval_cmd(d / f"eval-{row}.json", "--model", run_dir[row], "--lambada", 0), d / f"eval-{row}.json")
+             for row in zero_shot]
+    if a.rerun_evals:
+        for j in evals:
+            j.output.unlink(missing_ok=True)
+    failed |= run_jobs(evals, a.jobs, d / "logs")
+
+    # -- speed on held-out text, each run's own routing on the fast path
+    import assets
+    from common import load_split, val_windows
+    from model import Transformer
+    from router import Routing
+    from lora import merge_lora
+    print("measuring speed (prefill of 512 held-out tokens, 2 threads, interleaved, median of 5) ...")
+    dense = Transformer.from_checkpoint(assets.DEFAULT_MODEL_DIR)
+    text = val_windows(load_split("data/shakespeare", "val", dense.tokenizer), n=1, block=512)[:, :512]
+    models = {"dense": (dense, None)}
+    for row in summaries:
+        m = merge_lora(Transformer.from_checkpoint(run_dir[row]))
+        models[row] = (m, lambda off=m.routing_offset: Routing(mode="hard", offset=off, fast=True))
+    speeds = speed_phase(models, text)
+
+    # -- table and figure
+    lines = ["| row | what changes | param sparsity | attn / MLP skip | val ppl (x default) | zero-shot avg | prefill speedup |",
+             "|---|---|---|---|---|---|---|"]
+    for row, what, _ in ABLATIONS:
+        if row not in summaries:
+            lines.append(f"| {row} | {what} | (failed: see {d / 'logs' / ('train-' + row + '.log')}) |")
+            continue
+        s, zs = summaries[row], d / f"eval-{row}.json"
+        zero_shot_avg = f"{read(zs)['avg_acc']:.3f}" if zs.exists() else "-"
+        lines.append(f"| {row} | {what} | {s['val_param_sparsity']:.3f} | {s['val_attn_skip']:.2f} / {s['val_mlp_skip']:.2f} | "
+                     f"{s['val_ppl_routed']:.1f} ({s['val_ppl_routed'] / ref:.2f}) | {zero_shot_avg} | {speeds[row][1]:.2f}x |")
+    dense_ppl = summaries["default"]["val_ppl_dense"]
+    lines.append(f"\nDense: val ppl {dense_ppl:.1f}, prefill {speeds['dense'][0]:.0f} tokens/s. "
+                 f"{'Quick form: ' + str(QUICK_STEPS) + ' training steps per row. ' if a.quick else ''}"
+                 f"Zero-shot (default subsets, the run's own offset) only where the perplexity differs from the default "
+                 f"row's by more than {ZERO_SHOT_PPL_RATIO}x.")
+    table = "\n".join(lines)
+    plot_ablations(summaries, speeds, ref, d / "ablations.png", a.quick)
+    (d / "ablations.md").write_text(table + "\n")
+    summary = {"rows": {row: {"val_ppl": s["val_ppl_routed"], "param_sparsity": s["val_param_sparsity"],
+                              "attn_skip": s["val_attn_skip"], "mlp_skip": s["val_mlp_skip"],
+                              "prefill_speedup": speeds[row][1],
+                              "zero_shot_avg": read(d / f"eval-{row}.json")["avg_acc"] if (d / f"eval-{row}.json").exists() else None}
+                        for row, s in summaries.items()}, "quick": a.quick, "failed": sorted(failed)}
+    (d / "ablations.json").write_text(json.dumps(summary, indent=1))
+    print("\n" + table)
+    print(f"\nwrote {d / 'ablations.md'}, {d / 'ablations.json'}, {d / 'ablations.png'}")
+    if failed:
+        raise UserError(f"{len(failed)} job(s) failed: {', '.join(sorted(failed))}; logs in {d / 'logs'}")
+    print(json.dumps(summary))
+
+
+def plot_ablations(summaries, speeds, ref, path, quick):
+    import plots  # noqa: F401
+    import matplotlib.pyplot as plt
+    rows = list(summaries)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
+    y = range(len(rows))
+    for ax, values, xlabel in ((axes[0], [summaries[r]["val_ppl_routed"] for r in rows], "val perplexity (held-out plays)"),
+                               (axes[1], [summaries[r]["val_param_sparsity"] for r in rows], "param sparsity (val)"),
+                               (axes[2], [speeds[r][1] for r in rows], "prefill-512 speedup vs dense")):
+        ax.barh(y, values, color=["C1" if r == "default" else "C0" for r in rows])
+        for i, v in zip(y, values):
+            ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
+        ax.set_xlabel(xlabel), ax.grid(alpha=0.3, axis="x")
+    axes[0].axvline(ref, color="C1", lw=0.8)
+    axes[2].axvline(1.0, color="black", lw=0.8)
+    axes[0].set_yticks(list(y), rows), axes[0].invert_yaxis()
+    fig.suptitle(f"SkipGPT stage-1 ablations on SmolLM2-135M ({QUICK_STEPS if quick else 100} steps, target 25%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", choices=["results", "ablations"])
+    p.add_argument("--quick", action="store_true", help=f"ablations: {QUICK_STEPS} training steps per row, no zero-shot")
+    p.add_argument("--jobs", type=int, default=2, help="jobs at a time, one CPU thread each")
+    p.add_argument("--out_dir", default=None, help="where results, logs and figures go")
+    p.add_argument("--rerun_evals", action="store_true", help="evaluate again even where results exist")
+    p.error = lambda msg: (_ for _ in ()).throw(UserError(f"{msg} (see --help)"))
+    a = p.parse_args(argv)
+    if a.jobs < 1:
+        raise UserError("--jobs must be >= 1")
+    if a.quick and a.study != "ablations":
+        raise UserError("--quick is a form of the ablation study: python experiments.py ablations --quick")
+    (study_results if a.study == "results" else study_ablations)(a)
+
+
+if __name__ == "__main__":
+    cli(main)
