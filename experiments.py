@@ -399,7 +399,7 @@ def plot_ablations(summaries, speeds, ref, path, quick):
     plt.close(fig)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", choices=["results", "ablations"])
     p.add_argument("--quick", action="store_true", help=f"ablations: {QUICK_STEPS} training steps per row, no zero-shot")
@@ -412,6 +412,11 @@ def main(argv=None):
         raise UserError("--jobs must be >= 1")
     if a.quick and a.study != "ablations":
         raise UserError("--quick is a form of the ablation study: python experiments.py ablations --quick")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
     (study_results if a.study == "results" else study_ablations)(a)
 
 
