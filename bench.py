@@ -114,6 +114,28 @@ def run_decode(model, context, steps, routing_fn, device):
         model.clear_cache()
 
 
+@torch.no_grad()
+def prefill_speedups(models, tokens, repeats=5, threads=2):
+    """Prefill time of whole models, each with its own routing, timed interleaved (each repetition
+    runs every model once, in rotating order) -> {name: (tokens/s, speedup vs the first model)}.
+
+    models: {name: (model, routing factory or None)}, the reference first; tokens (B, T).
+    experiments.py uses it for the measured speedup of every trained model it evaluates.
+    """
+    torch.set_num_threads(threads)
+    names = list(models)
+    times = {n: [] for n in names}
+    for rep in range(repeats + 1):  # repetition 0 warms up
+        for n in names[rep % len(names):] + names[:rep % len(names)]:
+            model, factory = models[n]
+            t0 = time.perf_counter()
+            run_prefill(model, tokens, factory or (lambda: None))
+            if rep:
+                times[n].append(time.perf_counter() - t0)
+    t_ref = statistics.median(times[names[0]])
+    return {n: (tokens.numel() / statistics.median(times[n]), t_ref / statistics.median(times[n])) for n in names}
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="converted model (default: the bundled SmolLM2-135M)")

@@ -9,7 +9,7 @@ Each study is a list of jobs: training runs (train_stage1.py, train_stage2.py) a
 two one-thread jobs finish sooner than one two-thread job after the other). A job whose output
 already exists is not run again, so an interrupted study resumes where it stopped; --rerun_evals
 redoes the evaluations. Every job's output goes to its log file under the study's directory. Then
-the speeds are measured, alone and interleaved (speed_phase), and the study writes its markdown
+the speeds are measured, alone and interleaved (bench.prefill_speedups), and the study writes its markdown
 table, its figures and a JSON file, and prints the table.
 
 results (out/results/):
@@ -37,9 +37,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
+import bench
 from errors import UserError, cli
 
 PY = sys.executable
@@ -103,26 +103,6 @@ def eval_cmd(out, *flags):
 
 def read(path):
     return json.loads(Path(path).read_text())
-
-
-# ----------------------------------------------------------------------------------------------
-# Speed: every model once per repetition, in rotating order; medians
-
-@torch.no_grad()
-def speed_phase(models, text, repeats=5, threads=2):
-    """models: {name: (model, routing factory or None)}; text (1, T) tokens. -> {name: (tokens/s, speedup)}."""
-    torch.set_num_threads(threads)
-    names = list(models)
-    times = {n: [] for n in names}
-    for rep in range(repeats + 1):  # repetition 0 warms up
-        for n in names[rep % len(names):] + names[:rep % len(names)]:
-            model, factory = models[n]
-            t0 = time.perf_counter()
-            model(text, routing=factory() if factory else None)
-            if rep:
-                times[n].append(time.perf_counter() - t0)
-    t_dense = statistics.median(times[names[0]])
-    return {n: (text.numel() / statistics.median(times[n]), t_dense / statistics.median(times[n])) for n in names}
 
 
 def load_for_speed(result, base_path):
@@ -215,7 +195,7 @@ def study_results(a):
     for name, r in results.items():
         r["path"] = {"dense": str(base_path), "dense+lora": "out/stage2-dense", "skipgpt-0.25": "out/stage1",
                      "skipgpt-0.40": "out/stage1-t0.40", "skipgpt-0.25+lora": "out/stage2"}.get(name)
-    speeds = speed_phase({name: load_for_speed(r, base_path) for name, r in results.items()}, text)
+    speeds = bench.prefill_speedups({name: load_for_speed(r, base_path) for name, r in results.items()}, text)
 
     # -- the table
     dense_avg = results["dense"]["avg_acc"]
@@ -343,7 +323,7 @@ def study_ablations(a):
     for row in summaries:
         m = merge_lora(Transformer.from_checkpoint(run_dir[row]))
         models[row] = (m, lambda off=m.routing_offset: Routing(mode="hard", offset=off, fast=True))
-    speeds = speed_phase(models, text)
+    speeds = bench.prefill_speedups(models, text)
 
     # -- table and figure
     lines = ["| row | what changes | param sparsity | attn / MLP skip | val ppl (x default) | zero-shot avg | prefill speedup |",

@@ -4,6 +4,7 @@ import sys
 import pytest
 import torch
 
+import bench
 import experiments
 from router import RouterConfig, Routing
 from tiny import tiny_model
@@ -41,7 +42,7 @@ def test_a_failed_job_fails_its_dependents_only(tmp_path):
 def test_speed_phase_reports_dense_as_one():
     model = tiny_model().eval()
     routed = tiny_model().eval().add_routers(RouterConfig(protect_first=0))
-    speeds = experiments.speed_phase({"dense": (model, None), "routed": (routed, lambda: Routing(mode="hard", fast=True))},
+    speeds = bench.prefill_speedups({"dense": (model, None), "routed": (routed, lambda: Routing(mode="hard", fast=True))},
                                      torch.randint(0, 260, (1, 32)), repeats=2, threads=1)
     assert speeds["dense"][1] == 1.0 and speeds["routed"][0] > 0
 
