@@ -23,15 +23,16 @@ results (out/results/):
   speed     prefill of 512 tokens of held-out text, every model's own routing on the fast path.
 ablations (out/ablations/, quick: out/ablations-quick/):
   one stage-1 run per row, each changing one setting of the default (the default row is the main
-  job's run, out/stage1; in --quick form its own 30-step run); val perplexity and sparsity from the
-  run's summary; zero-shot on the default subsets only for rows whose perplexity differs from the
-  default row's by more than ZERO_SHOT_PPL_RATIO (smaller differences do not show above the
-  zero-shot noise); speed as above, on held-out plays text.
+  job's run, out/stage1; in --quick form its own 30-step run), and the two-stage row (out/stage2:
+  LoRA on the default routers) beside the joint one; val perplexity and sparsity from the run's
+  summary; zero-shot and LAMBADA on the default subsets for the default, joint and two-stage rows
+  and for rows whose perplexity differs from the default row's by more than ZERO_SHOT_PPL_RATIO
+  (smaller differences do not show above the zero-shot noise), none in --quick form; speed as
+  above, on held-out plays text.
 """
 import argparse
 import json
 import math
-import statistics
 import subprocess
 import sys
 import time
@@ -275,7 +276,7 @@ def plot_quality(points, dense, extra, path):
 # ----------------------------------------------------------------------------------------------
 # The ablation study
 
-ABLATIONS = [  # (row, what it tests, train_stage1.py flags)
+ABLATIONS = [  # (row, what it tests, train_stage1.py flags; None: stage 2 on the default row's routers)
     ("default", "this project's defaults", []),
     ("router-mlp", "router: MLP dim -> dim/4 -> 2 (the authors' code) instead of linear", ["--router_kind", "mlp"]),
     ("mlp_input-post_attn", "MLP router reads the post-attention state instead of the block input", ["--mlp_input", "post_attn"]),
@@ -283,6 +284,7 @@ ABLATIONS = [  # (row, what it tests, train_stage1.py flags)
     ("budget-per_layer", "a budget per block (Mixture-of-Depths-like) instead of one global budget", ["--budget", "per_layer"]),
     ("kv-evict", "a token that skips attention leaves no K/V (evict) instead of keeping them", ["--kv", "evict"]),
     ("joint", "one stage: LoRA r 16 trained together with the routers", ["--joint_lora_r", "16"]),
+    ("two-stage", "the method's two stages: the default routers, then LoRA r 16 with the routers frozen", None),
     ("alpha-2", "sparsity loss weight alpha 2 (default 8)", ["--alpha", "2"]),
     ("alpha-32", "sparsity loss weight alpha 32 (default 8)", ["--alpha", "32"]),
 ]
@@ -291,19 +293,29 @@ ABLATIONS = [  # (row, what it tests, train_stage1.py flags)
 def study_ablations(a):
     d = Path(a.out_dir or ("out/ablations-quick" if a.quick else "out/ablations"))
     steps = ["--max_iters", str(QUICK_STEPS)] if a.quick else []
-    run_dir = {row: (Path("out/stage1") if row == "default" and not a.quick else d / row) for row, _, _ in ABLATIONS}
-    train = [Job(f"train-{row}", [PY, "train_stage1.py", "--out_dir", str(run_dir[row]), "--threads", "1", *steps, *flags],
-                 run_dir[row] / "summary.json") for row, _, flags in ABLATIONS]
+    full_runs = {"default": Path("out/stage1"), "two-stage": Path("out/stage2")}  # the main job and `python train_stage2.py`
+    run_dir = {row: (full_runs[row] if row in full_runs and not a.quick else d / row) for row, _, _ in ABLATIONS}
+    train = []
+    for row, _, flags in ABLATIONS:
+        if flags is None:
+            cmd = [PY, "train_stage2.py", "--init_from", str(run_dir["default"]), "--out_dir", str(run_dir[row]),
+                   "--threads", "1", *steps]
+        else:
+            cmd = [PY, "train_stage1.py", "--out_dir", str(run_dir[row]), "--threads", "1", *steps, *flags]
+        train.append(Job(f"train-{row}", cmd, run_dir[row] / "summary.json", ["train-default"] if flags is None else []))
     failed = run_jobs(train, a.jobs, d / "logs")
-    summaries = {row: read(run_dir[row] / "summary.json") for row, _, _ in ABLATIONS if (run_dir[row] / "summary.json").exists()}
+    summaries = {row: row_summary(read(run_dir[row] / "summary.json"))
+                 for row, _, _ in ABLATIONS if (run_dir[row] / "summary.json").exists()}
     if "default" not in summaries:
         raise UserError(f"the default row failed; see {d / 'logs'}")
 
-    # -- zero-shot where it can show something: rows far from the default row's perplexity, and the default
+    # -- zero-shot where it can show something: the default, the two rows with LoRA (fine-tuning on the plays
+    #    moves general-text quality, which the plays' perplexity cannot show), and rows far from the default
     ref = summaries["default"]["val_ppl_routed"]
     zero_shot = [row for row, s in summaries.items() if not a.quick and
-                 (row == "default" or max(s["val_ppl_routed"] / ref, ref / s["val_ppl_routed"]) > ZERO_SHOT_PPL_RATIO)]
-    evals = [Job(f"eval-{row}", eval_cmd(d / f"eval-{row}.json", "--model", run_dir[row], "--lambada", 0), d / f"eval-{row}.json")
+                 (row in ("default", "joint", "two-stage")
+                  or max(s["val_ppl_routed"] / ref, ref / s["val_ppl_routed"]) > ZERO_SHOT_PPL_RATIO)]
+    evals = [Job(f"eval-{row}", eval_cmd(d / f"eval-{row}.json", "--model", run_dir[row]), d / f"eval-{row}.json")
              for row in zero_shot]
     if a.rerun_evals:
         for j in evals:
@@ -326,21 +338,21 @@ def study_ablations(a):
     speeds = bench.prefill_speedups(models, text)
 
     # -- table and figure
-    lines = ["| row | what changes | param sparsity | attn / MLP skip | val ppl (x default) | zero-shot avg | prefill speedup |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| row | what changes | param sparsity | attn / MLP skip | val ppl (x default) | zero-shot avg | LAMBADA ppl | prefill speedup |",
+             "|---|---|---|---|---|---|---|---|"]
     for row, what, _ in ABLATIONS:
         if row not in summaries:
             lines.append(f"| {row} | {what} | (failed: see {d / 'logs' / ('train-' + row + '.log')}) |")
             continue
         s, zs = summaries[row], d / f"eval-{row}.json"
-        zero_shot_avg = f"{read(zs)['avg_acc']:.3f}" if zs.exists() else "-"
+        zero_shot_avg, lambada = (f"{read(zs)['avg_acc']:.3f}", f"{read(zs)['ppl']['lambada']:.1f}") if zs.exists() else ("-", "-")
         lines.append(f"| {row} | {what} | {s['val_param_sparsity']:.3f} | {s['val_attn_skip']:.2f} / {s['val_mlp_skip']:.2f} | "
-                     f"{s['val_ppl_routed']:.1f} ({s['val_ppl_routed'] / ref:.2f}) | {zero_shot_avg} | {speeds[row][1]:.2f}x |")
+                     f"{s['val_ppl_routed']:.1f} ({s['val_ppl_routed'] / ref:.2f}) | {zero_shot_avg} | {lambada} | {speeds[row][1]:.2f}x |")
     dense_ppl = summaries["default"]["val_ppl_dense"]
     lines.append(f"\nDense: val ppl {dense_ppl:.1f}, prefill {speeds['dense'][0]:.0f} tokens/s. "
                  f"{'Quick form: ' + str(QUICK_STEPS) + ' training steps per row. ' if a.quick else ''}"
-                 f"Zero-shot (default subsets, the run's own offset) only where the perplexity differs from the default "
-                 f"row's by more than {ZERO_SHOT_PPL_RATIO}x.")
+                 f"Zero-shot and LAMBADA (default subsets, the run's own offset) for the default, joint and two-stage rows "
+                 f"and where the perplexity differs from the default row's by more than {ZERO_SHOT_PPL_RATIO}x.")
     table = "\n".join(lines)
     plot_ablations(summaries, speeds, ref, d / "ablations.png", a.quick)
     (d / "ablations.md").write_text(table + "\n")
@@ -355,6 +367,14 @@ def study_ablations(a):
     if failed:
         raise UserError(f"{len(failed)} job(s) failed: {', '.join(sorted(failed))}; logs in {d / 'logs'}")
     print(json.dumps(summary))
+
+
+def row_summary(s):
+    """The fields of a stage-1 or a stage-2 summary.json that an ablation row shows."""
+    if "val_ppl_stage2" in s:
+        return {"val_ppl_routed": s["val_ppl_stage2"], "val_ppl_dense": s["val_ppl_dense"], "val_param_sparsity": s["val_sparsity"],
+                "val_attn_skip": s["val_attn_skip"], "val_mlp_skip": s["val_mlp_skip"]}
+    return s
 
 
 def plot_ablations(summaries, speeds, ref, path, quick):
