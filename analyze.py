@@ -143,6 +143,8 @@ def main(argv=None):
         profiles[name] = position_profile(g, first, a.bin)
         attn, mlp = profiles[name]
         result["texts"][name] = {"windows": list(windows.shape), "param_sparsity": st["param_sparsity"],
+                                 "attn_exec_per_layer": rates[name][0].round(3).tolist(),
+                                 "mlp_exec_per_layer": rates[name][1].round(3).tolist(),
                                  "attn_exec": 1 - st["attn_skip"], "mlp_exec": 1 - st["mlp_skip"],
                                  "attn_exec_first_bin": float(attn[0]), "attn_exec_last_bin": float(attn[-1]),
                                  "mlp_exec_first_bin": float(mlp[0]), "mlp_exec_last_bin": float(mlp[-1]),

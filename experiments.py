@@ -20,7 +20,7 @@ results (out/results/):
             recalibrates each routed model's offset on general text (held-out LAMBADA passages).
   curve     the default stage-1 routers at several sparsities beside ShortGPT at the same ones:
             quality_vs_sparsity.png, the headline figure.
-  speed     prefill of 512 tokens of held-out text, every model's own routing on the fast path.
+  speed     prefill of 512 tokens of general text (LAMBADA), every model's own routing on the fast path.
 ablations (out/ablations/, quick: out/ablations-quick/):
   one stage-1 run per row, each changing one setting of the default (the default row is the main
   job's run, out/stage1; in --quick form its own 30-step run), and the two-stage row (out/stage2:
@@ -28,7 +28,7 @@ ablations (out/ablations/, quick: out/ablations-quick/):
   summary; zero-shot and LAMBADA on the default subsets for the default, joint and two-stage rows
   and for rows whose perplexity differs from the default row's by more than ZERO_SHOT_PPL_RATIO
   (smaller differences do not show above the zero-shot noise), none in --quick form; speed as
-  above, on held-out plays text.
+  above, on held-out plays text (where the rows' sparsity was measured).
 """
 import argparse
 import json
@@ -185,14 +185,14 @@ def study_results(a):
     if "dense" not in results:
         raise UserError(f"the dense evaluation failed; see {d / 'logs' / 'dense.log'}")
 
-    # -- speed: prefill of 512 tokens of held-out text, every model as evaluated
+    # -- speed: prefill of 512 tokens of general text (the first LAMBADA passages), every model as evaluated
     import assets
-    from common import load_split, val_windows
+    from analyze import general_windows
     from model import Transformer
-    print("measuring speed (prefill of 512 held-out tokens, 2 threads, interleaved, median of 5) ...")
+    print("measuring speed (prefill of 512 tokens of LAMBADA text, 2 threads, interleaved, median of 5) ...")
     base_path = assets.DEFAULT_MODEL_DIR
     tok = Transformer.from_checkpoint(base_path).tokenizer
-    text = val_windows(load_split("data/shakespeare", "val", tok), n=1, block=512)[:, :512]
+    text = general_windows(tok, block=512)[:1, :512]
     for name, r in results.items():
         r["path"] = {"dense": str(base_path), "dense+lora": "out/stage2-dense", "skipgpt-0.25": "out/stage1",
                      "skipgpt-0.40": "out/stage1-t0.40", "skipgpt-0.25+lora": "out/stage2"}.get(name)
