@@ -25,7 +25,7 @@ import checkpoint
 import tasks
 from common import load_split, setup_device, val_windows
 from errors import UserError, cli
-from eval import calibrate, general_calibration_windows
+from eval import calibrate, calibration_sequences
 from model import Transformer
 from router import Routing, routing_stats
 
@@ -100,7 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None,
                    help="stage-1 or stage-2 run (default: out/stage1, else the committed pretrained/stage1-smollm2-135m)")
     p.add_argument("--sparsity", type=float, default=None,
-                   help="recalibrate the offset to skip this share of block parameters on general text (as eval.py)")
+                   help="recalibrate the offset to skip this share of block parameters on task text (as eval.py)")
     p.add_argument("--text", default=SAMPLE_TEXT, help="the sample text of the routing map")
     p.add_argument("--data_dir", default="data/shakespeare", help="held-out plays (val.bin)")
     p.add_argument("--out_dir", default="out/analysis", help="where the PNGs go")
@@ -130,7 +130,7 @@ def main(argv=None):
     offset = model.routing_offset
     if a.sparsity is not None:
         print(f"calibrating the offset to skip {a.sparsity} of block parameters on general text ...")
-        offset = calibrate(model, general_calibration_windows(tok), a.sparsity, ctx, device)
+        offset = calibrate(model, calibration_sequences(tok, model.args.max_seq_len), a.sparsity, ctx)
     texts = {"held-out plays": val_windows(load_split(a.data_dir, "val", tok)), "LAMBADA (general)": general_windows(tok)}
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

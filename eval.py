@@ -25,9 +25,11 @@ What it measures, and how:
 - routing sparsity on all of the evaluation text, with deterministic gates (the run's calibrated
   offset), counting every token the model actually processed; for a static baseline, what it removed.
   A run's offset was calibrated on its training text (Shakespeare); routing depends on the text, and
-  the same offset skips less of general-domain text. --sparsity S recalibrates the offset on general
-  text the evaluation never scores (the last LAMBADA passages) so that the routers skip S of the
-  block parameters there: the knob that trades quality for speed at inference time.
+  the same offset skips less of general-domain text, and less of short texts (the first tokens of a
+  sequence execute more). --sparsity S recalibrates the offset on text like the evaluation's but
+  never scored by it (the last documents of every task, each from its first token, and the last
+  LAMBADA passages) so that the routers skip S of the block parameters there: the knob that trades
+  quality for speed at inference time.
 
 A document's choices share their context (WinoGrande: the words before the blank). Documents are
 scored in batches: each document's shared prefix runs once into the KV cache (one row per document),
@@ -66,7 +68,8 @@ from router import Routing, block_params, calibrate_offset, module_params, routi
 
 DEFAULT_LIMIT = 150      # documents per task by default (the first ones, by doc_id); HellaSwag half as many
 DEFAULT_LAMBADA = 100    # LAMBADA passages by default
-CALIBRATION_PASSAGES = 48  # the last LAMBADA passages: general text for --sparsity, never evaluated
+CALIBRATION_DOCS = 8        # --sparsity calibrates on the last documents of every task ...
+CALIBRATION_PASSAGES = 16   # ... and the last LAMBADA passages: never in the evaluated subsets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,10 +347,10 @@ def build(a, path, base_path, device, ctx):
         info = {"kind": "routed", "offset": model.routing_offset}
         if a.sparsity is not None:
             print(f"calibrating the routing offset to skip {a.sparsity} of block parameters on general text ...")
-            windows = general_calibration_windows(model.tokenizer)
-            offset = calibrate(model, windows, a.sparsity, ctx, device)
+            offset = calibrate(model, calibration_sequences(model.tokenizer, model.args.max_seq_len), a.sparsity, ctx)
             info |= {"offset": offset, "trained_offset": model.routing_offset, "calibrated_to": a.sparsity,
-                     "calibration": f"{CALIBRATION_PASSAGES} last LAMBADA passages"}
+                     "calibration": f"the last {CALIBRATION_DOCS} documents of every task and {CALIBRATION_PASSAGES} "
+                                    f"LAMBADA passages"}
         # the fast path: each sublayer runs only on the tokens that execute it (same results, less work)
         return model, label, lambda: Routing(mode="hard", offset=info["offset"], fast=True), info
 
@@ -390,22 +393,47 @@ def build(a, path, base_path, device, ctx):
     return pruned.eval(), label, None, info
 
 
-def general_calibration_windows(tok, n_passages=CALIBRATION_PASSAGES, block=256):
-    """General-domain text for calibrating the routing offset: the last LAMBADA passages (the
-    evaluation scores the first ones), joined by end-of-text tokens, cut into windows of block + 1."""
-    ids = []
-    for context, word in tasks.load_lambada()[-n_passages:]:
-        ids += tok.encode(context + word) + [tok.eos_id]
-    n = len(ids) // (block + 1)
-    return torch.tensor(ids[:n * (block + 1)]).view(n, block + 1)
+def calibration_sequences(tok, max_len):
+    """Text to calibrate the routing offset on, like the evaluation's but never scored by it: the
+    last documents of every task (context + correct answer, from the first token, as scored) and
+    the last LAMBADA passages. -> [token ids, ...]"""
+    seqs = []
+    for name in tasks.TASKS:
+        for doc in tasks.load_task(name)[-CALIBRATION_DOCS:]:
+            ctx, cont = encode_pair(tok, doc.contexts[doc.label], doc.continuations[doc.label])
+            seqs.append((ctx + cont)[-max_len:])
+    for context, word in tasks.load_lambada()[-CALIBRATION_PASSAGES:]:
+        ctx, cont = encode_pair(tok, context, word)
+        seqs.append((ctx + cont)[-max_len:])
+    return seqs
 
 
-def calibrate(model, windows, target, ctx, device):
-    """Offset at which deterministic routing skips `target` of block parameters on the windows."""
-    def measure(offset):
-        st = evaluate(model, windows, lambda: Routing(mode="hard", offset=offset, fast=True), ctx=ctx, device=device)
-        return st["param_sparsity"]
-    return calibrate_offset(measure, target, lo=-8.0, hi=8.0, iters=10)
+@torch.no_grad()
+def routed_sparsity(model, seqs, offset, ctx=contextlib.nullcontext(), batch_tokens=1024):
+    """Parameter sparsity of deterministic routing at `offset` over variable-length sequences."""
+    device = model.tok_embeddings.weight.device
+    counter = SkipCounter()
+    batches, batch = [], []
+    for s in sorted(seqs, key=len):  # ascending: the newest sequence is the longest of its batch
+        if batch and (len(batch) + 1) * len(s) > batch_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(s)
+    for batch in batches + [batch]:
+        T = len(batch[-1])
+        x = torch.zeros(len(batch), T, dtype=torch.long)
+        for j, s in enumerate(batch):
+            x[j, :len(s)] = torch.tensor(s)
+        r = Routing(mode="hard", offset=offset, fast=True)
+        with ctx:
+            model(x.to(device), routing=r)
+        counter.add(r.gate_tensor(), torch.arange(T)[None] < torch.tensor([len(s) for s in batch])[:, None])
+    return counter.stats(model.args, model.router_cfg.kv)["param_sparsity"]
+
+
+def calibrate(model, seqs, target, ctx=contextlib.nullcontext()):
+    """Offset at which deterministic routing skips `target` of block parameters on the sequences."""
+    return calibrate_offset(lambda offset: routed_sparsity(model, seqs, offset, ctx), target, lo=-6.0, hi=6.0, iters=9)
 
 
 def attention_modules_for(args, param_sparsity, module_sparsity=None):
@@ -446,7 +474,7 @@ def parse_args(argv=None):
                    help="module sparsity for --attention_drop_match when the parameter sparsity is out of its reach")
     p.add_argument("--sparsity", type=float, default=None,
                    help="routed models: recalibrate the routing offset to skip this share of block parameters on "
-                        "general text (default: the run's own offset)")
+                        "held-out task documents and LAMBADA passages (default: the run's own offset)")
     p.add_argument("--tasks", nargs="+", default=list(tasks.TASKS),
                    help=f"tasks to run (default: all; 'none' for perplexity only): {' '.join(tasks.TASKS)}")
     p.add_argument("--limit", type=int, default=None,
@@ -521,7 +549,7 @@ def main(argv=None):
         with timed(times, "lambada"), ctx:
             parts["lambada"] = SkipCounter()
             passages = tasks.load_lambada(n_lambada)
-            if n_lambada is None:  # every passage but the last ones, kept apart for --sparsity's calibration
+            if n_lambada is None:  # every passage but the last ones, kept for --sparsity's calibration
                 passages = passages[:-CALIBRATION_PASSAGES]
             lam = eval_lambada(model, tok, passages, routing_factory, parts["lambada"], a.batch_tokens)
             ppl["lambada"] = lam["ppl"]
@@ -531,7 +559,10 @@ def main(argv=None):
         limit = None if a.full else (a.limit or DEFAULT_LIMIT) // (2 if name == "hellaswag" else 1)
         with timed(times, name), ctx:
             parts[name] = SkipCounter()
-            r = result_tasks[name] = eval_task(model, tok, tasks.load_task(name, limit), routing_factory, parts[name],
+            docs = tasks.load_task(name, limit)
+            if limit is None:  # every document but the last ones, kept for --sparsity's calibration
+                docs = docs[:-CALIBRATION_DOCS]
+            r = result_tasks[name] = eval_task(model, tok, docs, routing_factory, parts[name],
                                                a.batch_tokens, desc=name)
         print(f"{name:<14} acc {r['acc']:.3f}  acc_norm {r['acc_norm']:.3f}  (n={r['n']}, {times[name][0]:.0f} s)")
 

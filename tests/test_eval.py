@@ -222,13 +222,30 @@ def test_attention_drop_matches_params_then_modules():
     assert ev.attention_modules_for(args, 0.9, module_sparsity=0.9) == (3, "modules")         # never all of them
 
 
-def test_general_calibration_windows_are_the_last_passages(tmp_path, monkeypatch):
-    monkeypatch.setattr(tasks, "load_lambada", lambda limit=None: [(f"passage {i}", " w") for i in range(100)])
+def test_calibration_text_is_held_out_and_scored_like_the_tasks(monkeypatch):
+    docs = [tasks.Doc(i, [f"q{i}"] * 2, [" right", " wrong"], 0) for i in range(20)]
+    monkeypatch.setattr(tasks, "load_task", lambda name, limit=None: docs[:limit])
+    monkeypatch.setattr(tasks, "load_lambada", lambda limit=None: [(f"passage {i}", " w") for i in range(30)][:limit])
     tok = CharTokenizer()
-    w = ev.general_calibration_windows(tok, n_passages=10, block=15)
-    ids = w.flatten().tolist()
-    assert w.shape[1] == 16 and ids[:len(tok.encode("passage 90"))] == tok.encode("passage 90")
-    assert tok.eos_id in ids  # passages are joined by end-of-text tokens
+    seqs = ev.calibration_sequences(tok, max_len=128)
+    assert len(seqs) == len(tasks.TASKS) * ev.CALIBRATION_DOCS + ev.CALIBRATION_PASSAGES
+    first_doc = 20 - ev.CALIBRATION_DOCS  # the last documents, with their correct answer, from the first token
+    assert seqs[0] == tok.encode(f"q{first_doc}") + tok.encode(" right")
+    assert seqs[-1] == tok.encode("passage 29") + tok.encode(" w")
+
+
+def test_routed_sparsity_counts_real_tokens_only():
+    """Sparsity over variable-length sequences equals routing_stats over each sequence alone."""
+    model, _ = routed(tiny_model(3))
+    seqs = [list(range(1, 1 + n)) for n in (5, 17, 9, 30, 2)]
+    skipped = tokens = 0
+    for s in seqs:
+        r = Routing(mode="hard", offset=0.3)
+        model(torch.tensor([s]), routing=r)
+        skipped += routing_stats(r.gate_tensor(), model.args)["param_sparsity"] * len(s)
+        tokens += len(s)
+    for batch_tokens in (8, 40, 1000):  # one per batch, some batched, all in one
+        assert ev.routed_sparsity(model, seqs, 0.3, batch_tokens=batch_tokens) == pytest.approx(skipped / tokens, abs=1e-6)
 
 
 # ---- task files ---------------------------------------------------------------------------------
