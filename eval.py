@@ -337,9 +337,14 @@ def calibration_text(data_dir, tok):
     return calibration_windows(load_split(data_dir, "train", tok))
 
 
+def static_baseline(a):
+    """Whether the command line asks for a statically pruned model instead of --model itself."""
+    return bool(a.shortgpt or a.shortgpt_match or a.attention_drop or a.attention_drop_match)
+
+
 def build(a, path, base_path, device, ctx):
     """-> (model, label, routing factory or None, info dict). Static baselines start from the dense base."""
-    if not a.shortgpt and not a.shortgpt_match and not a.attention_drop:
+    if not static_baseline(a):
         model = Transformer.from_checkpoint(path, device=device).eval()
         label = checkpoint.rel_to_root(path)
         if model.router_cfg is None:
@@ -498,7 +503,7 @@ def parse_args(argv=None):
     for t in a.tasks:
         if t not in tasks.TASKS:
             raise UserError(f"unknown task {t!r}; choose from {', '.join(tasks.TASKS)} (or none)")
-    if sum(bool(x) for x in (a.shortgpt, a.shortgpt_match, a.attention_drop, a.attention_drop_match)) > 1:
+    if sum(bool(x) for x in (a.shortgpt, a.shortgpt_match, a.attention_drop, a.attention_drop_match)) > 1:  # static_baseline
         raise UserError("choose one baseline: --shortgpt N, --shortgpt_match, --attention_drop N or --attention_drop_match")
     if a.shortgpt < 0 or a.attention_drop < 0:
         raise UserError("--shortgpt and --attention_drop take a number of blocks >= 1")
@@ -508,8 +513,7 @@ def parse_args(argv=None):
         raise UserError("--match_modules M (0 <= M < 1) goes with --attention_drop_match")
     if a.attention_drop_match and a.match_sparsity is None:
         raise UserError("--attention_drop_match needs the sparsity to match: --match_sparsity S [--match_modules M]")
-    if a.sparsity is not None and (not 0 <= a.sparsity < 1 or a.shortgpt or a.shortgpt_match or a.attention_drop
-                                   or a.attention_drop_match):
+    if a.sparsity is not None and (not 0 <= a.sparsity < 1 or static_baseline(a)):
         raise UserError("--sparsity S (0 <= S < 1) recalibrates a routed --model; it does not go with a static baseline")
     if (a.limit is not None and a.limit < 1) or a.lambada < 0 or a.batch_tokens < 1:
         raise UserError("--limit and --batch_tokens must be >= 1, --lambada >= 0")

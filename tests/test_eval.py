@@ -210,6 +210,13 @@ def test_shortgpt_removes_exactly_the_chosen_blocks():
     assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
 
 
+@pytest.mark.parametrize("argv,static", [
+    ([], False), (["--sparsity", "0.3"], False), (["--shortgpt", "3"], True), (["--shortgpt_match"], True),
+    (["--attention_drop", "2"], True), (["--attention_drop_match", "--match_sparsity", "0.1"], True)])
+def test_every_baseline_flag_builds_a_baseline(argv, static):
+    assert ev.static_baseline(ev.parse_args(argv)) == static
+
+
 def test_attention_drop_matches_params_then_modules():
     args = tiny_model(4).args
     attn_share = module_params(args, kv="evict")[0] / block_params(args)
