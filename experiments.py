@@ -48,6 +48,7 @@ TASK_NAMES = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_chall
 SWEEP = (0.10, 0.25, 0.40)             # sparsities of the quality-vs-sparsity curve (0.25: the table's row)
 ZERO_SHOT_PPL_RATIO = 1.5              # ablation rows this far from the default row's perplexity get zero-shot
 QUICK_STEPS = 30
+SPEED_REPEATS = 9                      # timed repetitions per model (medians): the shared machine is noisy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,14 +190,14 @@ def study_results(a):
     import assets
     from analyze import general_windows
     from model import Transformer
-    print("measuring speed (prefill of 512 tokens of LAMBADA text, 2 threads, interleaved, median of 5) ...")
+    print(f"measuring speed (prefill of 512 tokens of LAMBADA text, 2 threads, interleaved, median of {SPEED_REPEATS}) ...")
     base_path = assets.DEFAULT_MODEL_DIR
     tok = Transformer.from_checkpoint(base_path).tokenizer
     text = general_windows(tok, block=512)[:1, :512]
     for name, r in results.items():
         r["path"] = {"dense": str(base_path), "dense+lora": "out/stage2-dense", "skipgpt-0.25": "out/stage1",
                      "skipgpt-0.40": "out/stage1-t0.40", "skipgpt-0.25+lora": "out/stage2"}.get(name)
-    speeds = bench.prefill_speedups({name: load_for_speed(r, base_path) for name, r in results.items()}, text)
+    speeds = bench.prefill_speedups({name: load_for_speed(r, base_path) for name, r in results.items()}, text, repeats=SPEED_REPEATS)
 
     # -- the table
     dense_avg = results["dense"]["avg_acc"]
@@ -327,14 +328,14 @@ def study_ablations(a):
     from model import Transformer
     from router import Routing
     from lora import merge_lora
-    print("measuring speed (prefill of 512 held-out tokens, 2 threads, interleaved, median of 5) ...")
+    print(f"measuring speed (prefill of 512 held-out tokens, 2 threads, interleaved, median of {SPEED_REPEATS}) ...")
     dense = Transformer.from_checkpoint(assets.DEFAULT_MODEL_DIR)
     text = val_windows(load_split("data/shakespeare", "val", dense.tokenizer), n=1, block=512)[:, :512]
     models = {"dense": (dense, None)}
     for row in summaries:
         m = merge_lora(Transformer.from_checkpoint(run_dir[row]))
         models[row] = (m, lambda off=m.routing_offset: Routing(mode="hard", offset=off, fast=True))
-    speeds = bench.prefill_speedups(models, text)
+    speeds = bench.prefill_speedups(models, text, repeats=SPEED_REPEATS)
 
     # -- table and figure
     lines = ["| row | what changes | param sparsity | attn / MLP skip | val ppl (x default) | zero-shot avg | LAMBADA ppl | prefill speedup |",
