@@ -41,10 +41,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 import bench
+import tasks
 from errors import UserError, cli
 
 PY = sys.executable
-TASK_NAMES = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 SWEEP = (0.10, 0.25, 0.40)             # sparsities of the quality-vs-sparsity curve (0.25: the table's row)
 ZERO_SHOT_PPL_RATIO = 1.5              # ablation rows this far from the default row's perplexity get zero-shot
 QUICK_STEPS = 30
@@ -99,6 +99,17 @@ def run_jobs(jobs, n_parallel, log_dir):
     return failed
 
 
+def write_study(d, name, table, summary, figure):
+    """d/name.md and d/name.json, the table on stdout, the JSON as the last line (after the failures, if any)."""
+    (d / f"{name}.md").write_text(table + "\n")
+    (d / f"{name}.json").write_text(json.dumps(summary, indent=1))
+    print("\n" + table)
+    print(f"\nwrote {d / (name + '.md')}, {d / (name + '.json')}, {figure}")
+    if summary["failed"]:
+        raise UserError(f"{len(summary['failed'])} job(s) failed: {', '.join(summary['failed'])}; logs in {d / 'logs'}")
+    print(json.dumps(summary))
+
+
 def eval_cmd(out, *flags):
     return [PY, "eval.py", "--threads", "1", "--out", str(out), *map(str, flags)]
 
@@ -107,23 +118,29 @@ def read(path):
     return json.loads(Path(path).read_text())
 
 
-def load_for_speed(result, base_path):
-    """The model an eval.py result describes, ready to time: routed on the fast path, LoRA merged in."""
-    import baselines
+def timed_model(path, offset=None):
+    """A converted model or a run, ready to time: LoRA merged in, routed on the fast path at `offset`
+    (default: the run's own). -> (model, routing factory or None)"""
     from lora import merge_lora
     from model import Transformer
     from router import Routing
-    kind = result["kind"]
-    if kind in ("shortgpt", "attention_drop"):
-        base = Transformer.from_checkpoint(base_path)
-        if kind == "shortgpt":
-            return baselines.remove_blocks(base, result["removed_blocks"]), None
-        return baselines.drop_attention(base, result["dropped_attention"]), None
-    model = merge_lora(Transformer.from_checkpoint(result["path"]))
-    if kind == "dense":
+    model = merge_lora(Transformer.from_checkpoint(path))
+    if model.router_cfg is None:
         return model, None
-    offset = result["offset"]
+    offset = model.routing_offset if offset is None else offset
     return model, (lambda: Routing(mode="hard", offset=offset, fast=True))
+
+
+def load_for_speed(result, base_path):
+    """The model an eval.py result describes (its "model" is the evaluated path), ready to time."""
+    import baselines
+    from checkpoint import resolve
+    from model import Transformer
+    if result["kind"] == "shortgpt":
+        return baselines.remove_blocks(Transformer.from_checkpoint(base_path), result["removed_blocks"]), None
+    if result["kind"] == "attention_drop":
+        return baselines.drop_attention(Transformer.from_checkpoint(base_path), result["dropped_attention"]), None
+    return timed_model(resolve(result["model"]), result.get("offset"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,16 +211,13 @@ def study_results(a):
     base_path = assets.DEFAULT_MODEL_DIR
     tok = Transformer.from_checkpoint(base_path).tokenizer
     text = general_windows(tok, block=512)[:1, :512]
-    for name, r in results.items():
-        r["path"] = {"dense": str(base_path), "dense+lora": "out/stage2-dense", "skipgpt-0.25": "out/stage1",
-                     "skipgpt-0.40": "out/stage1-t0.40", "skipgpt-0.25+lora": "out/stage2"}.get(name)
     speeds = bench.prefill_speedups({name: load_for_speed(r, base_path) for name, r in results.items()}, text, repeats=SPEED_REPEATS)
 
     # -- the table
     dense_avg = results["dense"]["avg_acc"]
     lines = ["| model | param sparsity (attn / MLP skip) | plays ppl | LAMBADA ppl | "
-             + " | ".join(TASK_NAMES) + " | avg acc (% of dense) | prefill speedup |",
-             "|---" * (len(TASK_NAMES) + 6) + "|"]
+             + " | ".join(tasks.TASKS) + " | avg acc (% of dense) | prefill speedup |",
+             "|---" * (len(tasks.TASKS) + 6) + "|"]
     for name, label, _ in rows:
         if name not in results:
             lines.append(f"| {label} | (failed: see {d / 'logs' / (name + '.log')}) |")
@@ -211,40 +225,34 @@ def study_results(a):
         r, sp = results[name], results[name]["sparsity"]
         lines.append(f"| {label} | {sp['param_sparsity']:.3f} ({sp['attn_skip']:.2f} / {sp['mlp_skip']:.2f}) | "
                      f"{r['ppl']['shakespeare']:.1f} | {r['ppl']['lambada']:.1f} | "
-                     + " | ".join(f"{r['tasks'][t]['acc']:.3f}" for t in TASK_NAMES)
+                     + " | ".join(f"{r['tasks'][t]['acc']:.3f}" for t in tasks.TASKS)
                      + f" | {r['avg_acc']:.3f} ({r['avg_acc'] / dense_avg:.0%}) | {speeds[name][1]:.2f}x |")
-    n = {t: results["dense"]["tasks"][t]["n"] for t in TASK_NAMES}
-    p = {t: results["dense"]["tasks"][t]["acc"] for t in TASK_NAMES}
-    se_avg = math.sqrt(sum(p[t] * (1 - p[t]) / n[t] for t in TASK_NAMES)) / len(TASK_NAMES)
-    se_task = max(math.sqrt(p[t] * (1 - p[t]) / n[t]) for t in TASK_NAMES)
-    lines.append(f"\nDocuments per task: {', '.join(f'{t} {n[t]}' for t in TASK_NAMES)}. Standard error of one task's "
+    n = {t: results["dense"]["tasks"][t]["n"] for t in tasks.TASKS}
+    p = {t: results["dense"]["tasks"][t]["acc"] for t in tasks.TASKS}
+    se_avg = math.sqrt(sum(p[t] * (1 - p[t]) / n[t] for t in tasks.TASKS)) / len(tasks.TASKS)
+    se_task = max(math.sqrt(p[t] * (1 - p[t]) / n[t]) for t in tasks.TASKS)
+    lines.append(f"\nDocuments per task: {', '.join(f'{t} {n[t]}' for t in tasks.TASKS)}. Standard error of one task's "
                  f"accuracy up to {se_task:.3f}, of the average {se_avg:.3f}: smaller differences are noise.")
     table = "\n".join(lines)
 
     # -- the headline figure
     points = {"SkipGPT (out/stage1 routers, recalibrated)": [], "ShortGPT": [], "attention drop": []}
-    for f in sorted(d.glob("*.json")):
-        if f.name in ("results.json",):
+    for job in [r[2] for r in rows] + curve:  # this study's outputs only, not whatever else lies in d
+        if not job.output.exists():
             continue
-        r = read(f)
-        key = ("SkipGPT (out/stage1 routers, recalibrated)" if f.stem.startswith("skipgpt-0.25") and "lora" not in f.stem
-               else "ShortGPT" if r["kind"] == "shortgpt" else "attention drop" if r["kind"] == "attention_drop" else None)
+        r = read(job.output)
+        key = ("SkipGPT (out/stage1 routers, recalibrated)" if job.name.startswith("skipgpt-0.25") and "lora" not in job.name
+               else {"shortgpt": "ShortGPT", "attention_drop": "attention drop"}.get(r["kind"]))
         if key:
             points[key].append((r["sparsity"]["param_sparsity"], r["ppl"]["lambada"], r["ppl"]["shakespeare"], r["avg_acc"]))
     extra = {"SkipGPT trained for 40%": results.get("skipgpt-0.40")}
     plot_quality(points, results["dense"], extra, d / "quality_vs_sparsity.png")
     summary = {"rows": {name: {**{k: results[name][k] for k in ("ppl", "avg_acc", "sparsity")},
-                               "tasks": {t: results[name]["tasks"][t]["acc"] for t in TASK_NAMES},
+                               "tasks": {t: results[name]["tasks"][t]["acc"] for t in tasks.TASKS},
                                "prefill_tokens_per_s": speeds[name][0], "prefill_speedup": speeds[name][1]}
                         for name in results},
                "curve": points, "se_avg_acc": se_avg, "failed": sorted(failed)}
-    (d / "results.md").write_text(table + "\n")
-    (d / "results.json").write_text(json.dumps(summary, indent=1))
-    print("\n" + table)
-    print(f"\nwrote {d / 'results.md'}, {d / 'results.json'}, {d / 'quality_vs_sparsity.png'}")
-    if failed:
-        raise UserError(f"{len(failed)} job(s) failed: {', '.join(sorted(failed))}; logs in {d / 'logs'}")
-    print(json.dumps(summary))
+    write_study(d, "results", table, summary, d / "quality_vs_sparsity.png")
 
 
 def plot_quality(points, dense, extra, path):
@@ -325,27 +333,22 @@ def study_ablations(a):
     # -- speed on held-out text, each run's own routing on the fast path
     import assets
     from common import load_split, val_windows
-    from model import Transformer
-    from router import Routing
-    from lora import merge_lora
     print(f"measuring speed (prefill of 512 held-out tokens, 2 threads, interleaved, median of {SPEED_REPEATS}) ...")
-    dense = Transformer.from_checkpoint(assets.DEFAULT_MODEL_DIR)
-    text = val_windows(load_split("data/shakespeare", "val", dense.tokenizer), n=1, block=512)[:, :512]
-    models = {"dense": (dense, None)}
-    for row in summaries:
-        m = merge_lora(Transformer.from_checkpoint(run_dir[row]))
-        models[row] = (m, lambda off=m.routing_offset: Routing(mode="hard", offset=off, fast=True))
+    models = {"dense": timed_model(assets.DEFAULT_MODEL_DIR)}
+    text = val_windows(load_split("data/shakespeare", "val", models["dense"][0].tokenizer), n=1, block=512)[:, :512]
+    models |= {row: timed_model(run_dir[row]) for row in summaries}
     speeds = bench.prefill_speedups(models, text, repeats=SPEED_REPEATS)
 
     # -- table and figure
+    zs = {job.name.removeprefix("eval-"): read(job.output) for job in evals if job.output.exists()}
     lines = ["| row | what changes | param sparsity | attn / MLP skip | val ppl (x default) | zero-shot avg | LAMBADA ppl | prefill speedup |",
              "|---|---|---|---|---|---|---|---|"]
     for row, what, _ in ABLATIONS:
         if row not in summaries:
             lines.append(f"| {row} | {what} | (failed: see {d / 'logs' / ('train-' + row + '.log')}) |")
             continue
-        s, zs = summaries[row], d / f"eval-{row}.json"
-        zero_shot_avg, lambada = (f"{read(zs)['avg_acc']:.3f}", f"{read(zs)['ppl']['lambada']:.1f}") if zs.exists() else ("-", "-")
+        s = summaries[row]
+        zero_shot_avg, lambada = (f"{zs[row]['avg_acc']:.3f}", f"{zs[row]['ppl']['lambada']:.1f}") if row in zs else ("-", "-")
         lines.append(f"| {row} | {what} | {s['val_param_sparsity']:.3f} | {s['val_attn_skip']:.2f} / {s['val_mlp_skip']:.2f} | "
                      f"{s['val_ppl_routed']:.1f} ({s['val_ppl_routed'] / ref:.2f}) | {zero_shot_avg} | {lambada} | {speeds[row][1]:.2f}x |")
     dense_ppl = summaries["default"]["val_ppl_dense"]
@@ -355,18 +358,12 @@ def study_ablations(a):
                  f"and where the perplexity differs from the default row's by more than {ZERO_SHOT_PPL_RATIO}x.")
     table = "\n".join(lines)
     plot_ablations(summaries, speeds, ref, d / "ablations.png", a.quick)
-    (d / "ablations.md").write_text(table + "\n")
     summary = {"rows": {row: {"val_ppl": s["val_ppl_routed"], "param_sparsity": s["val_param_sparsity"],
                               "attn_skip": s["val_attn_skip"], "mlp_skip": s["val_mlp_skip"],
                               "prefill_speedup": speeds[row][1],
-                              "zero_shot_avg": read(d / f"eval-{row}.json")["avg_acc"] if (d / f"eval-{row}.json").exists() else None}
+                              "zero_shot_avg": zs[row]["avg_acc"] if row in zs else None}
                         for row, s in summaries.items()}, "quick": a.quick, "failed": sorted(failed)}
-    (d / "ablations.json").write_text(json.dumps(summary, indent=1))
-    print("\n" + table)
-    print(f"\nwrote {d / 'ablations.md'}, {d / 'ablations.json'}, {d / 'ablations.png'}")
-    if failed:
-        raise UserError(f"{len(failed)} job(s) failed: {', '.join(sorted(failed))}; logs in {d / 'logs'}")
-    print(json.dumps(summary))
+    write_study(d, "ablations", table, summary, d / "ablations.png")
 
 
 def row_summary(s):
