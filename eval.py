@@ -45,7 +45,6 @@ References:
 - L. Gao, "Multiple Choice Normalization in LM Evaluation", blog.eleuther.ai/multiple-choice-normalization
 - LAMBADA: Paperno et al. 2016, arXiv 1606.06031; ShortGPT: Men et al. 2024, arXiv 2403.03853
 """
-import argparse
 import contextlib
 import json
 import math
@@ -57,13 +56,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import assets
 import baselines
 import checkpoint
 import tasks
-from common import evaluate, load_split, setup_device, val_windows
-from errors import UserError, cli
-from model import Transformer
+from checkpoint import load
+from common import calibration_windows, ensure_data, evaluate, load_split, setup_device, val_windows
+from convert import ensure_default_model
+from errors import ArgumentParser, UserError, cli
 from router import Routing, block_params, calibrate_offset, module_params, routing_stats
 
 DEFAULT_LIMIT = 150      # documents per task by default (the first ones, by doc_id); HellaSwag half as many
@@ -190,11 +189,11 @@ def score_batch(model, docs, routing_factory=None, counter=None):
     model.setup_cache(n, P + S)
     try:
         if P > 0:
-            routing = routing_factory() if routing_factory else None
             with without_head(model):
-                model(torch.tensor([pairs[0][0][:P] for pairs in docs], device=device), routing=routing)
-            if routing is not None and counter is not None:
-                counter.add(routing.gate_tensor())
+                _, _, gates = model(torch.tensor([pairs[0][0][:P] for pairs in docs], device=device),
+                                    routing=routing_factory() if routing_factory else None)
+            if gates is not None and counter is not None:
+                counter.add(gates)
             doc_of_row = torch.tensor([d for d, _, _ in flat], device=device)
             for layer in model.layers:  # the prefix's K/V (and eviction marks) into every choice's row
                 cache = layer.attention.cache
@@ -211,10 +210,9 @@ def score_batch(model, docs, routing_factory=None, counter=None):
             y[i, first:first + len(cont)] = torch.tensor(cont)
             lengths.append(len(inp))
         x, y = x.to(device), y.to(device)
-        routing = routing_factory() if routing_factory else None
-        logits, _ = model(x, routing=routing, start_pos=P)
-        if routing is not None and counter is not None:
-            counter.add(routing.gate_tensor(), torch.arange(S)[None] < torch.tensor(lengths)[:, None])
+        logits, _, gates = model(x, routing=routing_factory() if routing_factory else None, start_pos=P)
+        if gates is not None and counter is not None:
+            counter.add(gates, torch.arange(S)[None] < torch.tensor(lengths)[:, None])
     finally:
         model.clear_cache()
     scored = y >= 0
@@ -249,7 +247,7 @@ def score_choices_naive(model, pairs, routing_factory=None):
     out = []
     for ctx, cont in pairs:
         seq = torch.tensor([ctx + cont], device=device)
-        logits, _ = model(seq[:, :-1], routing=routing_factory() if routing_factory else None)
+        logits, _, _ = model(seq[:, :-1], routing=routing_factory() if routing_factory else None)
         logp = logits[0, len(ctx) - 1:].float().log_softmax(-1)
         out.append(logp.gather(-1, seq[0, len(ctx):, None]).sum().item())
     return out
@@ -305,8 +303,7 @@ def eval_lambada(model, tok, passages, routing_factory=None, counter=None, batch
             seq = torch.tensor(ctx + w)
             x[j, :len(seq) - 1], y[j, :len(seq) - 1] = seq[:-1], seq[1:]
             word[j, len(ctx) - 1:len(seq) - 1] = True
-        routing = routing_factory() if routing_factory else None
-        logits, _ = model(x.to(device), routing=routing)
+        logits, _, gates = model(x.to(device), routing=routing_factory() if routing_factory else None)
         valid = y >= 0
         scored = logits[valid.to(device)].float().cpu()                       # (real tokens, vocab)
         nll += F.cross_entropy(scored, y[valid], reduction="sum").item()
@@ -314,8 +311,8 @@ def eval_lambada(model, tok, passages, routing_factory=None, counter=None, batch
         hit = torch.ones_like(y, dtype=torch.bool)
         hit[valid] = scored.argmax(-1) == y[valid]
         correct += int((hit | ~word).all(dim=1).sum())
-        if routing is not None and counter is not None:
-            counter.add(routing.gate_tensor(), valid)
+        if gates is not None and counter is not None:
+            counter.add(gates, valid)
     return {"ppl": math.exp(nll / count), "acc": correct / len(encoded), "n": len(encoded), "tokens": count}
 
 
@@ -333,7 +330,7 @@ def base_of(path):
 
 
 def calibration_text(data_dir, tok):
-    from train_stage1 import calibration_windows  # the same training-text windows stage 1 calibrates on
+    """The training-text windows stage 1 calibrates on (common.calibration_windows)."""
     return calibration_windows(load_split(data_dir, "train", tok))
 
 
@@ -345,7 +342,7 @@ def static_baseline(a):
 def build(a, path, base_path, device, ctx):
     """-> (model, label, routing factory or None, info dict). Static baselines start from the dense base."""
     if not static_baseline(a):
-        model = Transformer.from_checkpoint(path, device=device).eval()
+        model = load(path, device=device)
         label = checkpoint.rel_to_root(path)
         if model.router_cfg is None:
             return model, label, None, {"kind": "dense"}
@@ -364,7 +361,7 @@ def build(a, path, base_path, device, ctx):
         if a.match_sparsity is not None:
             matched = {"param_sparsity": a.match_sparsity, "source": "--match_sparsity"}
         else:
-            routed = Transformer.from_checkpoint(path, device=device).eval()
+            routed = load(path, device=device)
             if routed.router_cfg is None:
                 raise UserError(f"--shortgpt_match needs a routed --model (a stage-1 or stage-2 run) to match, "
                                 f"or a value: --match_sparsity S; {path} has no routers")
@@ -374,7 +371,7 @@ def build(a, path, base_path, device, ctx):
                           lambda: Routing(mode="hard", offset=offset), ctx=ctx, device=device)
             matched = {"param_sparsity": st["param_sparsity"], "source": checkpoint.rel_to_root(path)}
             del routed
-    model = Transformer.from_checkpoint(base_path, device=device).eval()
+    model = load(base_path, device=device)
     n_attention = a.attention_drop
     if matched is not None and a.attention_drop_match:
         n_attention, matched["on"] = attention_modules_for(model.args, matched["param_sparsity"], a.match_modules)
@@ -396,6 +393,17 @@ def build(a, path, base_path, device, ctx):
                 "static_sparsity": static_sparsity(model.args, removed_blocks=removed)}
     pruned.tokenizer = model.tokenizer
     return pruned.eval(), label, None, info
+
+
+def scored_docs(name, limit=None):
+    """The documents of a task that may be scored: the first `limit` of all but its last
+    CALIBRATION_DOCS (those calibrate --sparsity and are never scored, whatever --limit asks)."""
+    return tasks.load_task(name)[:-CALIBRATION_DOCS][:limit]
+
+
+def scored_passages(limit=None):
+    """The LAMBADA passages that may be scored: the first `limit` of all but the last CALIBRATION_PASSAGES."""
+    return tasks.load_lambada()[:-CALIBRATION_PASSAGES][:limit]
 
 
 def calibration_sequences(tok, max_len):
@@ -429,10 +437,9 @@ def routed_sparsity(model, seqs, offset, ctx=contextlib.nullcontext(), batch_tok
         x = torch.zeros(len(batch), T, dtype=torch.long)
         for j, s in enumerate(batch):
             x[j, :len(s)] = torch.tensor(s)
-        r = Routing(mode="hard", offset=offset, fast=True)
         with ctx:
-            model(x.to(device), routing=r)
-        counter.add(r.gate_tensor(), torch.arange(T)[None] < torch.tensor([len(s) for s in batch])[:, None])
+            _, _, gates = model(x.to(device), routing=Routing(mode="hard", offset=offset, fast=True))
+        counter.add(gates, torch.arange(T)[None] < torch.tensor([len(s) for s in batch])[:, None])
     return counter.stats(model.args, model.router_cfg.kv)["param_sparsity"]
 
 
@@ -465,7 +472,7 @@ def timed(times, name):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--model", default=None, help="converted model, stage-1 or stage-2 run (default: the bundled SmolLM2-135M)")
     p.add_argument("--shortgpt", type=int, default=0, help="evaluate ShortGPT: remove this many lowest-BI blocks of the base model")
     p.add_argument("--shortgpt_match", action="store_true",
@@ -497,7 +504,6 @@ def parse_args(argv=None):
                    help="CPU threads for torch (0 = torch's default); on the shared 2-core machine two threads "
                         "ran ~8x slower than one whenever other jobs were running")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
-    p.error = lambda msg: (_ for _ in ()).throw(UserError(f"{msg} (see --help)"))
     a = p.parse_args(argv)
     a.tasks = [t for arg in a.tasks for t in arg.split(",") if t and t != "none"]
     for t in a.tasks:
@@ -526,10 +532,8 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     device, dtype, ctx = setup_device(a.device, a.dtype)
     t_start, c_start = time.time(), time.process_time()
-    path = Path(a.model) if a.model else assets.ensure_default_model()
+    path = Path(a.model) if a.model else ensure_default_model()
     base_path = base_of(path)
-    if Path(a.data_dir).resolve() == assets.SHAKESPEARE_DIR.resolve():
-        assets.ensure_shakespeare(base_path)  # prepared once, with the base model's tokenizer
     model, label, routing_factory, info = build(a, path, base_path, device, ctx)
     tok = model.tokenizer
     if tok is None:
@@ -538,6 +542,7 @@ def main(argv=None):
     times, parts, result_tasks = {}, {}, {}
 
     # -- perplexity on the held-out plays
+    ensure_data(a.data_dir, tok)  # a bundled dataset is prepared once, with the model's tokenizer
     with timed(times, "shakespeare"):
         windows = val_windows(load_split(a.data_dir, "val", tok))
         st = evaluate(model, windows, routing_factory, batch_size=max(1, a.batch_tokens // windows.shape[1]),
@@ -552,9 +557,7 @@ def main(argv=None):
     if n_lambada != 0:
         with timed(times, "lambada"), ctx:
             parts["lambada"] = SkipCounter()
-            passages = tasks.load_lambada(n_lambada)
-            if n_lambada is None:  # every passage but the last ones, kept for --sparsity's calibration
-                passages = passages[:-CALIBRATION_PASSAGES]
+            passages = scored_passages(n_lambada)  # never the calibration passages
             lam = eval_lambada(model, tok, passages, routing_factory, parts["lambada"], a.batch_tokens)
             ppl["lambada"] = lam["ppl"]
 
@@ -563,9 +566,7 @@ def main(argv=None):
         limit = None if a.full else (a.limit or DEFAULT_LIMIT) // (2 if name == "hellaswag" else 1)
         with timed(times, name), ctx:
             parts[name] = SkipCounter()
-            docs = tasks.load_task(name, limit)
-            if limit is None:  # every document but the last ones, kept for --sparsity's calibration
-                docs = docs[:-CALIBRATION_DOCS]
+            docs = scored_docs(name, limit)  # never the calibration documents
             r = result_tasks[name] = eval_task(model, tok, docs, routing_factory, parts[name],
                                                a.batch_tokens, desc=name)
         print(f"{name:<14} acc {r['acc']:.3f}  acc_norm {r['acc_norm']:.3f}  (n={r['n']}, {times[name][0]:.0f} s)")

@@ -30,7 +30,6 @@ ablations (out/ablations/, quick: out/ablations-quick/):
   (smaller differences do not show above the zero-shot noise), none in --quick form; speed as
   above, on held-out plays text (where the rows' sparsity was measured).
 """
-import argparse
 import json
 import math
 import subprocess
@@ -40,9 +39,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import assets
+import baselines
 import bench
 import tasks
-from errors import UserError, cli
+from analyze import general_windows
+from checkpoint import load, resolve
+from common import load_split, val_windows
+from errors import ArgumentParser, UserError, cli
+from lora import merge_lora
+from router import Routing
 
 PY = sys.executable
 SWEEP = (0.10, 0.25, 0.40)             # sparsities of the quality-vs-sparsity curve (0.25: the table's row)
@@ -121,10 +127,7 @@ def read(path):
 def timed_model(path, offset=None):
     """A converted model or a run, ready to time: LoRA merged in, routed on the fast path at `offset`
     (default: the run's own). -> (model, routing factory or None)"""
-    from lora import merge_lora
-    from model import Transformer
-    from router import Routing
-    model = merge_lora(Transformer.from_checkpoint(path))
+    model = merge_lora(load(path))
     if model.router_cfg is None:
         return model, None
     offset = model.routing_offset if offset is None else offset
@@ -133,13 +136,10 @@ def timed_model(path, offset=None):
 
 def load_for_speed(result, base_path):
     """The model an eval.py result describes (its "model" is the evaluated path), ready to time."""
-    import baselines
-    from checkpoint import resolve
-    from model import Transformer
     if result["kind"] == "shortgpt":
-        return baselines.remove_blocks(Transformer.from_checkpoint(base_path), result["removed_blocks"]), None
+        return baselines.remove_blocks(load(base_path), result["removed_blocks"]), None
     if result["kind"] == "attention_drop":
-        return baselines.drop_attention(Transformer.from_checkpoint(base_path), result["dropped_attention"]), None
+        return baselines.drop_attention(load(base_path), result["dropped_attention"]), None
     return timed_model(resolve(result["model"]), result.get("offset"))
 
 
@@ -204,12 +204,9 @@ def study_results(a):
         raise UserError(f"the dense evaluation failed; see {d / 'logs' / 'dense.log'}")
 
     # -- speed: prefill of 512 tokens of general text (the first LAMBADA passages), every model as evaluated
-    import assets
-    from analyze import general_windows
-    from model import Transformer
     print(f"measuring speed (prefill of 512 tokens of LAMBADA text, 2 threads, interleaved, median of {SPEED_REPEATS}) ...")
     base_path = assets.DEFAULT_MODEL_DIR
-    tok = Transformer.from_checkpoint(base_path).tokenizer
+    tok = load(base_path).tokenizer
     text = general_windows(tok, block=512)[:1, :512]
     speeds = bench.prefill_speedups({name: load_for_speed(r, base_path) for name, r in results.items()}, text, repeats=SPEED_REPEATS)
 
@@ -331,8 +328,6 @@ def study_ablations(a):
     failed |= run_jobs(evals, a.jobs, d / "logs")
 
     # -- speed on held-out text, each run's own routing on the fast path
-    import assets
-    from common import load_split, val_windows
     print(f"measuring speed (prefill of 512 held-out tokens, 2 threads, interleaved, median of {SPEED_REPEATS}) ...")
     models = {"dense": timed_model(assets.DEFAULT_MODEL_DIR)}
     text = val_windows(load_split("data/shakespeare", "val", models["dense"][0].tokenizer), n=1, block=512)[:, :512]
@@ -397,13 +392,12 @@ def plot_ablations(summaries, speeds, ref, path, quick):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("study", choices=["results", "ablations"])
     p.add_argument("--quick", action="store_true", help=f"ablations: {QUICK_STEPS} training steps per row, no zero-shot")
     p.add_argument("--jobs", type=int, default=2, help="jobs at a time, one CPU thread each")
     p.add_argument("--out_dir", default=None, help="where results, logs and figures go")
     p.add_argument("--rerun_evals", action="store_true", help="evaluate again even where results exist")
-    p.error = lambda msg: (_ for _ in ()).throw(UserError(f"{msg} (see --help)"))
     a = p.parse_args(argv)
     if a.jobs < 1:
         raise UserError("--jobs must be >= 1")

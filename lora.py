@@ -19,7 +19,6 @@ References:
 """
 import contextlib
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -155,28 +154,3 @@ def merged_state_dict(model):
             with torch.no_grad():
                 sd[f"{name}.weight"] = m.weight + m.delta().to(m.weight.dtype)
     return sd
-
-
-def attach_lora_run(model, run_path, cfg):
-    """Add the adapters of a stage-2 run to its loaded model (base, plus stage-1 routers if any)."""
-    from safetensors.torch import load_file
-    from checkpoint import file_fingerprint, rel_to_root, resolve
-    if cfg["base"]["fingerprint"] != model.source.get("fingerprint"):
-        raise UserError(f"{run_path} holds LoRA weights for base model {cfg['base']['path']} (fingerprint "
-                        f"{cfg['base']['fingerprint']}), not for {model.source.get('path')} "
-                        f"(fingerprint {model.source.get('fingerprint')})")
-    stage1 = cfg.get("stage1")
-    if stage1 and stage1.get("fingerprint"):
-        found = file_fingerprint(resolve(stage1["path"]) / "routers.safetensors")
-        if found != stage1["fingerprint"]:
-            raise UserError(f"{run_path} was trained with the routers of {stage1['path']} (fingerprint "
-                            f"{stage1['fingerprint']}), but that run now holds other routers ({found}); "
-                            f"restore that stage-1 run or train stage 2 again")
-    lc = cfg["lora"]
-    add_lora(model, tuple(lc["targets"]), lc["r"], lc["alpha"], lc["dropout"])
-    weights = load_file(Path(run_path) / "lora.safetensors", device=str(model.tok_embeddings.weight.device))
-    result = model.load_state_dict(weights, strict=False)
-    if result.unexpected_keys or any(k.endswith(("lora_A", "lora_B")) for k in result.missing_keys):
-        raise UserError(f"{run_path}/lora.safetensors does not match its config.json")
-    model.source["lora"] = {"path": rel_to_root(run_path)}
-    return model.eval()  # loaded for use: LoRA dropout off (model.train() turns it back on)

@@ -1,7 +1,8 @@
 """A LLaMA-style decoder with a SkipGPT router before every attention and every MLP sublayer.
 
 Read top to bottom: the model's shape (ModelArgs), RMSNorm, rotary embeddings, the KV cache,
-grouped-query attention, the SwiGLU MLP, the routed block, the whole Transformer, and loading.
+grouped-query attention, the SwiGLU MLP, the routed block, and the whole Transformer. Loading
+from disk lives beside the file formats (checkpoint.load); this file reads no files.
 With routing off (routing=None) this is exactly Llama; with routing on, each block reads
 
     h   = x + g_attn * Attention(attention_norm(x))
@@ -196,47 +197,83 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
-    def forward_sparse(self, x, execute, cos, sin, start_pos=0, key_keep=None):
-        """The fast path: K and V for every token, Q, scores and wo only for executing tokens.
+    def forward_sparse(self, x, execute, cos, sin, start_pos=0, evict=False):
+        """The fast path: only the tokens that execute attention run it as queries.
 
-        x (B, T, dim) normalized input; execute (B, T) bool. Returns (rows, out): rows (N,) indices
-        into the flattened (B*T) tokens that execute, out (N, dim) their attention output, or None.
+        x (B, T, dim) normalized input; execute (B, T) bool. K and V: under "keep" every token
+        computes them (later queries attend to skipped tokens too); under evict only executing
+        tokens do, and a skipped token's cache slot stays masked. Returns (rows, out): rows (N,)
+        indices into the flattened (B*T) tokens that execute, out (N, dim) their output, or None.
         """
         B, T, _ = x.shape
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # every token: later
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # queries may attend to it
-        k = apply_rope(k, cos, sin)
-        if self.cache is not None:
-            k, v, key_keep_all = self.cache.update(start_pos, k, v, key_keep)
-            if key_keep is not None:
-                key_keep = key_keep_all
         rows = execute.view(-1).nonzero().squeeze(1)                               # (N,) in B*T
+        if not evict:  # K/V of every token: later queries may attend to it
+            k, v = self._kv(x, cos, sin)                                            # (B, nkv, T, hd) each
+            if self.cache is not None:
+                k, v, _ = self.cache.update(start_pos, k, v)
         if rows.numel() == 0:
+            if evict and self.cache is not None:  # nothing computed; the slots stay masked
+                self.cache.keep[:B, start_pos:start_pos + T] = False
             return rows, None
         b_idx, t_idx = rows // T, rows % T
-        q = self.wq(x.reshape(B * T, -1).index_select(0, rows))                     # (N, nh*hd): executing rows only
-        q = apply_rope(q.view(-1, self.n_heads, self.head_dim),
-                       cos.index_select(0, t_idx)[:, None], sin.index_select(0, t_idx)[:, None])  # (N, nh, hd)
-        if B == 1:  # one sequence: its executing queries are already packed
-            q = q.transpose(0, 1)[None]                                              # (1, nh, N, hd)
-            pos = (t_idx + start_pos)[None]                                          # (1, N)
-        else:  # pack each sequence's queries to the left: slot = rank among its executing tokens
+        xe = x.reshape(B * T, -1).index_select(0, rows)                             # (N, dim): executing rows only
+        cos_e, sin_e = cos.index_select(0, t_idx)[:, None], sin.index_select(0, t_idx)[:, None]
+        q = apply_rope(self.wq(xe).view(-1, self.n_heads, self.head_dim), cos_e, sin_e)   # (N, nh, hd)
+        if evict:
+            ke = apply_rope(self.wk(xe).view(-1, self.n_kv_heads, self.head_dim), cos_e, sin_e)  # (N, nkv, hd)
+            ve = self.wv(xe).view(-1, self.n_kv_heads, self.head_dim)
+        if B == 1:  # one sequence: its executing tokens are already packed, in order
+            n_q = rows.numel()
+            slot = torch.arange(n_q, device=x.device)
+        else:  # pack each sequence's executing tokens to the left: slot = rank among them
             slot = (execute.cumsum(1) - 1).view(-1).index_select(0, rows)
             n_q = int(slot.max()) + 1
-            q_pad = x.new_zeros(B, n_q, self.n_heads, self.head_dim)
-            q_pad[b_idx, slot] = q
-            q = q_pad.transpose(1, 2)                                                # (B, nh, n_q, hd)
-            pos = torch.zeros(B, n_q, dtype=torch.long, device=x.device)             # padded slots: position 0
-            pos[b_idx, slot] = t_idx + start_pos
-        k_pos = torch.arange(k.shape[2], device=x.device)
-        mask = k_pos[None, None, :] <= pos[:, :, None]                               # (B, n_q, S): causal by true position
-        if key_keep is not None:
-            mask = mask & (key_keep[:, None, :] | (k_pos[None, None, :] == pos[:, :, None]))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
+        pos = torch.zeros(B, n_q, dtype=torch.long, device=x.device)               # padded slots: position 0
+        pos[b_idx, slot] = t_idx + start_pos
+        q = self._pack(q, b_idx, slot, B, n_q)                                      # (B, nh, n_q, hd)
+        if evict and self.cache is None:
+            # keys = the executing tokens themselves, packed like the queries: causal over slots
+            k, v = self._pack(ke, b_idx, slot, B, n_q), self._pack(ve, b_idx, slot, B, n_q)
+            if B == 1:
+                mask, causal = None, True
+            else:
+                filled = torch.zeros(B, n_q, dtype=torch.bool, device=x.device)
+                filled[b_idx, slot] = True
+                k_slot = torch.arange(n_q, device=x.device)
+                mask = ((k_slot[None, None, :] <= k_slot[None, :, None]) & filled[:, None, :])[:, None]
+                causal = False
+        else:
+            key_keep = None
+            if evict:  # write the executing tokens' K/V at their positions; the others stay masked
+                k_full = x.new_zeros(B, T, self.n_kv_heads, self.head_dim)
+                v_full = x.new_zeros(B, T, self.n_kv_heads, self.head_dim)
+                k_full[b_idx, t_idx], v_full[b_idx, t_idx] = ke.to(x.dtype), ve.to(x.dtype)
+                k, v, key_keep = self.cache.update(start_pos, k_full.transpose(1, 2), v_full.transpose(1, 2), execute)
+            k_pos = torch.arange(k.shape[2], device=x.device)
+            mask = k_pos[None, None, :] <= pos[:, :, None]                           # (B, n_q, S): causal by true position
+            if key_keep is not None:  # an executing query is itself kept
+                mask = mask & key_keep[:, None, :]
+            mask, causal = mask[:, None], False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_heads != self.n_kv_heads)  # (B, nh, n_q, hd)
         y = y.transpose(1, 2)                                                        # (B, n_q, nh, hd)
         y = y[0] if B == 1 else y[b_idx, slot]                                       # (N, nh, hd)
         return rows, self.wo(y.reshape(-1, self.n_heads * self.head_dim))
+
+    def _kv(self, x, cos, sin):
+        B, T, _ = x.shape
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        return apply_rope(k, cos, sin), v
+
+    @staticmethod
+    def _pack(rows, b_idx, slot, B, n):
+        """Per-token rows (N, heads, hd) -> (B, heads, n, hd), each row at (b_idx, slot); zeros elsewhere."""
+        if B == 1 and rows.shape[0] == n:
+            return rows.transpose(0, 1)[None]
+        out = rows.new_zeros(B, n, *rows.shape[1:])
+        out[b_idx, slot] = rows
+        return out.transpose(1, 2)
 
 
 class FeedForward(nn.Module):
@@ -268,18 +305,17 @@ class TransformerBlock(nn.Module):
         self.router_cfg = None
 
     def forward(self, x, cos, sin, start_pos=0, routing: Routing | None = None):
+        """x (B, T, dim) -> (out (B, T, dim), gates (2, B, T) [attention, MLP] or None when not routed)."""
         if routing is None or self.attention_router is None:  # the plain Llama block
             h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
-            return h + self.feed_forward(self.ffn_norm(h))
-        protected = self.layer_id < self.router_cfg.protect_first
-        g_attn = self._gate(self.attention_router, x, routing, 0, protected, start_pos)  # (B, T)
+            return h + self.feed_forward(self.ffn_norm(h)), None
+        g_attn = self._gate(self.attention_router, x, routing, 0, start_pos)              # (B, T)
         key_keep = (g_attn > 0.5) if self.router_cfg.kv == "evict" else None
         h = x + g_attn[..., None].to(x.dtype) * self.attention(self.attention_norm(x), cos, sin, start_pos, key_keep)
         router_in = x if self.router_cfg.mlp_input == "block" else h
-        g_mlp = self._gate(self.ffn_router, router_in, routing, 1, protected, start_pos)  # (B, T)
+        g_mlp = self._gate(self.ffn_router, router_in, routing, 1, start_pos)             # (B, T)
         out = h + g_mlp[..., None].to(x.dtype) * self.feed_forward(self.ffn_norm(h))
-        routing.gates.append((g_attn, g_mlp))
-        return out
+        return out, torch.stack([g_attn, g_mlp])
 
     def forward_fast(self, x, cos, sin, start_pos, routing: Routing):
         """Same result as forward(), but skipped sublayers do not run (inference, stage 2).
@@ -287,24 +323,23 @@ class TransformerBlock(nn.Module):
         Each sublayer runs on the gathered (batch, time) rows that execute it, and its output is
         added back into those rows of the residual stream. One host sync per sublayer (the count).
         """
-        protected = self.layer_id < self.router_cfg.protect_first
-        g_attn = self._gate(self.attention_router, x, routing, 0, protected, start_pos)    # (B, T)
+        g_attn = self._gate(self.attention_router, x, routing, 0, start_pos)              # (B, T)
         g_mlp = None
         if self.router_cfg.mlp_input == "block":  # decided from x: known before attention runs
-            g_mlp = self._gate(self.ffn_router, x, routing, 1, protected, start_pos)
-        if x.shape[0] * x.shape[1] == 1 and self.router_cfg.kv == "keep" and g_mlp is not None:
-            return self._decode_one(x, cos, sin, start_pos, routing, g_attn, g_mlp)
+            g_mlp = self._gate(self.ffn_router, x, routing, 1, start_pos)
+        if x.shape[0] * x.shape[1] == 1 and g_mlp is not None:
+            return self._decode_one(x, cos, sin, start_pos, g_attn, g_mlp)
         execute = g_attn > 0.5
-        key_keep = execute if self.router_cfg.kv == "evict" else None
+        evict = self.router_cfg.kv == "evict"
         xn = self.attention_norm(x)
         B, T, D = x.shape
-        if key_keep is None and bool(execute.all()):
+        if not evict and bool(execute.all()):
             h = x + self.attention(xn, cos, sin, start_pos)          # everyone executes: the dense path
         else:
-            rows, out = self.attention.forward_sparse(xn, execute, cos, sin, start_pos, key_keep)
+            rows, out = self.attention.forward_sparse(xn, execute, cos, sin, start_pos, evict)
             h = x if out is None else x.reshape(B * T, D).index_add(0, rows, out.to(x.dtype)).view(B, T, D)
         if g_mlp is None:
-            g_mlp = self._gate(self.ffn_router, h, routing, 1, protected, start_pos)
+            g_mlp = self._gate(self.ffn_router, h, routing, 1, start_pos)
         rows = (g_mlp > 0.5).view(-1).nonzero().squeeze(1)                           # (N,) in B*T
         if rows.numel() == B * T:
             out = h + self.feed_forward(self.ffn_norm(h))
@@ -314,28 +349,26 @@ class TransformerBlock(nn.Module):
             flat = h.reshape(B * T, D)
             out = flat.index_add(0, rows, self.feed_forward(self.ffn_norm(flat.index_select(0, rows))).to(h.dtype))
             out = out.view(B, T, D)
-        routing.gates.append((g_attn, g_mlp))
-        return out
+        return out, torch.stack([g_attn, g_mlp])
 
-    def _decode_one(self, x, cos, sin, start_pos, routing, g_attn, g_mlp):
+    def _decode_one(self, x, cos, sin, start_pos, g_attn, g_mlp):
         """One token (batch-1 decoding): a plain branch per sublayer, no gathering at all.
 
-        A skipped attention still writes the token's K and V to the cache ("keep"); a skipped MLP
-        costs nothing.
+        A skipped attention still writes the token's K and V to the cache under "keep", and
+        nothing under evict (its slot is masked); a skipped MLP costs nothing.
         """
         attn_on, mlp_on = torch.cat([g_attn, g_mlp]).view(-1).tolist()  # one host sync for both
         xn = self.attention_norm(x)
         if attn_on:
-            h = x + self.attention(xn, cos, sin, start_pos)
+            h = x + self.attention(xn, cos, sin, start_pos, g_attn > 0.5 if self.router_cfg.kv == "evict" else None)
         else:
-            self.attention.forward_sparse(xn, g_attn > 0.5, cos, sin, start_pos)  # K/V only
+            self.attention.forward_sparse(xn, g_attn > 0.5, cos, sin, start_pos, self.router_cfg.kv == "evict")
             h = x
         out = h + self.feed_forward(self.ffn_norm(h)) if mlp_on else h
-        routing.gates.append((g_attn, g_mlp))
-        return out
+        return out, torch.stack([g_attn, g_mlp])
 
-    def _gate(self, router, x, routing, module, protected, start_pos=0):
-        if protected:  # always executes; no router decision (and no gradient to its router)
+    def _gate(self, router, x, routing, module, start_pos=0):
+        if self.layer_id < self.router_cfg.protect_first:  # always executes: no decision, no gradient
             return torch.ones(x.shape[:2], device=x.device)
         return routing.gate(router(x), self.layer_id, module, start_pos)
 
@@ -355,7 +388,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.router_cfg = None
         self.routing_offset = 0.0  # calibrated logit offset of loaded routers (router.calibrate_offset)
-        self.tokenizer = None     # set by from_checkpoint
+        self.tokenizer = None     # set by checkpoint.load
         self.source = {}          # what was loaded (paths, fingerprints), for runs to record
         self._rope_len = 0
 
@@ -396,10 +429,11 @@ class Transformer(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, tokens, targets=None, routing: Routing | None = None, start_pos: int = 0):
-        """tokens (B, T) -> (logits (B, T, vocab), loss or None).
+        """tokens (B, T) -> (logits (B, T, vocab), loss or None, gates (L, 2, B, T) or None).
 
         targets (B, T): next-token ids, -1 where no loss is wanted (padding).
-        routing: None runs the dense model; a Routing routes every sublayer and collects the gates.
+        routing: None runs the dense model; a Routing routes every sublayer, and the gates it
+                 produced come back (1 = executed; [:, 0] attention, [:, 1] MLP).
         start_pos: position of tokens[:, 0]; > 0 only with a KV cache (setup_cache).
         """
         B, T = tokens.shape
@@ -407,18 +441,21 @@ class Transformer(nn.Module):
             raise UserError(f"sequence of {start_pos + T} tokens exceeds the model's max_seq_len {self.args.max_seq_len}")
         cos, sin = self._rope(start_pos + T, tokens.device)
         cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
-        if routing is not None:
-            routing.gates = []
+        routed = routing is not None and self.router_cfg is not None
         h = self.tok_embeddings(tokens)                               # (B, T, dim)
-        fast = routing is not None and routing.fast and self.router_cfg is not None
+        gates = []
         for layer in self.layers:
-            h = layer.forward_fast(h, cos, sin, start_pos, routing) if fast else layer(h, cos, sin, start_pos, routing)
-        h = self.norm(h)
+            if routed and routing.fast:
+                h, g = layer.forward_fast(h, cos, sin, start_pos, routing)
+            else:
+                h, g = layer(h, cos, sin, start_pos, routing if routed else None)
+            gates.append(g)
+        gates = torch.stack(gates) if routed else None                 # (L, 2, B, T)
+        logits = self.output(self.norm(h))
         if targets is None:
-            return self.output(h), None
-        logits = self.output(h)
+            return logits, None, gates
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, loss, gates
 
     # --- generation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -428,7 +465,8 @@ class Transformer(nn.Module):
 
         temperature 0 is greedy. With use_cache the prompt is prefilled once and each new token
         is a one-token forward against the cache; without it every step reruns the whole prefix
-        (the slow reference, which must give the same tokens).
+        (the slow reference, which must give the same tokens). on_token(next_ids (B, 1), gates)
+        is called after every step, gates (L, 2, B, T_step) as the forward pass returned them.
         """
         B, T = tokens.shape
         total = T + max_new_tokens
@@ -440,7 +478,7 @@ class Transformer(nn.Module):
             stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=tokens.device)
             for _ in range(max_new_tokens):
                 inp = seq[:, pos:] if use_cache else seq
-                logits, _ = self(inp, routing=routing, start_pos=pos if use_cache else 0)
+                logits, _, gates = self(inp, routing=routing, start_pos=pos if use_cache else 0)
                 if use_cache:
                     pos = seq.shape[1]
                 logits = logits[:, -1, :].float()
@@ -454,7 +492,7 @@ class Transformer(nn.Module):
                     nxt = torch.multinomial(logits.softmax(-1), 1)
                 seq = torch.cat([seq, nxt], dim=1)
                 if on_token is not None:
-                    on_token(nxt, routing)
+                    on_token(nxt, gates)
                 if stop_ids:
                     done |= torch.isin(nxt[:, 0], stop)
                     if done.all():
@@ -463,10 +501,3 @@ class Transformer(nn.Module):
         finally:
             if use_cache:
                 self.clear_cache()
-
-    # --- loading ---------------------------------------------------------------------------------
-    @classmethod
-    def from_checkpoint(cls, path, device="cpu"):
-        """Load a converted model, a stage-1 run or a stage-2 run, ready to use, with its tokenizer."""
-        from checkpoint import load_model  # the checkpoint formats live in one place
-        return load_model(path, device=device)

@@ -15,7 +15,7 @@ References:
 - Gumbel-softmax: Jang et al. 2017, arXiv 1611.01144; straight-through: Bengio et al. 2013
 - Mixture-of-Depths (per-layer budgets): Raposo et al. 2024, arXiv 2404.02258
 """
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
@@ -73,6 +73,11 @@ class Router(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # The gate
 
+def gumbel_noise(logits):
+    """Standard Gumbel noise shaped like logits, G = -log(Exp(1)). One place, so a test can fix it."""
+    return -torch.empty_like(logits, dtype=torch.float32).exponential_().log()
+
+
 def gumbel_gate(logits, tau, estimator="ste"):
     """Hard Gumbel-softmax with a straight-through gradient. logits (..., 2) -> gate (...,) in {0, 1}.
 
@@ -83,8 +88,7 @@ def gumbel_gate(logits, tau, estimator="ste"):
               though inference gates are 0 or 1;
       "none": the hard value with no gradient at all: nothing reaches the routers.
     """
-    gumbels = -torch.empty_like(logits, dtype=torch.float32).exponential_().log()
-    y = ((logits.float() + gumbels) / tau).softmax(-1)[..., 0]
+    y = ((logits.float() + gumbel_noise(logits)) / tau).softmax(-1)[..., 0]
     hard = (y >= 0.5).float()
     if estimator == "soft":
         return y
@@ -98,9 +102,10 @@ def hard_gate(logits, offset=0.0):
     return ((logits[..., 0] - logits[..., 1]).float() + offset >= 0).float()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Routing:
-    """How a forward pass routes, and where it reports what it did.
+    """How a forward pass routes: a policy only. The gates it produced come back from the forward
+    pass as data: `logits, loss, gates = model(tokens, targets, routing=Routing(...))`.
 
     mode: "gumbel" (training: sampled, straight-through), "hard" (deterministic inference),
           "sample" (the authors' inference: Gumbel sampling at tau = 1, no gradient),
@@ -110,7 +115,6 @@ class Routing:
     fast: run only the sublayers that execute (model.py's gather/scatter path) instead of masking
           their outputs. Same result, less work; needs no gradient through the gates, so not "gumbel".
     estimator: how "gumbel" gates pass gradients (gumbel_gate): "ste" (the method), "soft", "none".
-    gates: filled by the forward pass, one (g_attn, g_mlp) pair of (B, T) tensors per layer.
     """
     mode: str = "hard"
     tau: float = 1.0
@@ -118,13 +122,15 @@ class Routing:
     force: torch.Tensor | None = None
     fast: bool = False
     estimator: str = "ste"
-    gates: list = field(default_factory=list)
 
     def __post_init__(self):
+        if self.mode not in ("gumbel", "hard", "sample", "force"):
+            raise ValueError(f"unknown routing mode {self.mode!r}")
         if self.fast and self.mode == "gumbel":
             raise ValueError("the fast path cannot train routers: their gradient needs the skipped outputs")
 
     def gate(self, logits, layer, module, start_pos=0):
+        """Router logits (B, T, 2) of sublayer `module` (0 attention, 1 MLP) in block `layer` -> (B, T)."""
         if self.mode == "gumbel":
             return gumbel_gate(logits, self.tau, self.estimator)
         if self.mode == "hard":
@@ -132,22 +138,17 @@ class Routing:
         if self.mode == "sample":
             with torch.no_grad():
                 return gumbel_gate(logits, 1.0)
-        if self.mode == "force":
-            return self.force[layer, module][:, start_pos:start_pos + logits.shape[1]].to(logits.device, torch.float32)
-        raise ValueError(f"unknown routing mode {self.mode!r}")
-
-    def gate_tensor(self):
-        """(n_layers, 2, B, T) stack of the gates of the last forward (keeps gradients)."""
-        return torch.stack([torch.stack(pair) for pair in self.gates])
+        return self.force[layer, module][:, start_pos:start_pos + logits.shape[1]].to(logits.device, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
 # Sparsity: what skipping a module saves, the loss, statistics
 
 def module_params(args, kv="keep"):
-    """Block parameters skipped when a token skips (attention, MLP): the weights that really don't run.
+    """Block parameters a token does not run when it skips (attention, MLP).
 
-    With kv="keep" a skipped token still computes K and V, so only wq and wo are saved.
+    With kv="keep" a skipped token still computes K and V (later tokens attend to it), so only wq
+    and wo are saved; with kv="evict" it computes nothing, and all four projections are saved.
     """
     q_out = args.n_heads * args.head_dim
     kv_out = args.n_kv_heads * args.head_dim
@@ -157,13 +158,13 @@ def module_params(args, kv="keep"):
 
 
 def block_params(args):
-    """All parameters of one block's attention and MLP weights (norms excluded)."""
+    """All parameters of one block's attention and MLP weights (wq wk wv wo w1 w2 w3; norms excluded)."""
     attn = 2 * args.dim * args.n_heads * args.head_dim + 2 * args.dim * args.n_kv_heads * args.head_dim
     return attn + 3 * args.dim * args.hidden_dim
 
 
-def sparsity(gates, weights, valid=None):
-    """Fraction skipped, per layer and module: gates (L, 2, B, T) -> (L, 2); valid (B, T) masks padding."""
+def skip_rates(gates, valid=None):
+    """Fraction of tokens that skip, per layer and module: gates (L, 2, B, T) -> (L, 2). valid (B, T) masks padding."""
     skipped = 1.0 - gates
     if valid is None:
         return skipped.mean(dim=(2, 3))
@@ -171,21 +172,34 @@ def sparsity(gates, weights, valid=None):
     return (skipped * valid).sum(dim=(2, 3)) / valid.sum().clamp(min=1)
 
 
-def sparsity_loss(gates, target, alpha, weighting="params", budget="global", module_weights=(1.0, 1.0),
-                  valid=None):
-    """alpha * |target - s|: s the (weighted) fraction of (token, module) pairs skipped.
+def layer_sparsity(rates, args, kv="keep", weighting="params"):
+    """Per-block sparsity from skip rates (L, 2) -> (L,). Its mean over blocks is the model's sparsity.
 
-    weighting "modules": every (token, module) pair counts 1 (the paper);
-              "params": a pair counts the parameters it skips (module_weights), so s is the
-              fraction of block parameters not run per token.
+    weighting "params": the share of the block's parameters (wq wk wv wo w1 w2 w3) a token does not
+              run, the one definition the loss, the calibration, the reports and bench.py all use;
+              "modules": the share of its two (token, module) pairs skipped (the paper's count).
+    """
+    if weighting == "modules":
+        return rates.mean(-1)
+    attn_w, mlp_w = module_params(args, kv)
+    return (rates[:, 0] * attn_w + rates[:, 1] * mlp_w) / block_params(args)
+
+
+def sparsity_loss(gates, target, alpha, args, kv="keep", weighting="params", budget="global", valid=None,
+                  all_reduce=None):
+    """alpha * |target - s|: s the share of block parameters (or modules) skipped under the gates.
+
     budget "global": one s over all blocks (the paper); "per_layer": every block must hit the
            target on its own (Mixture-of-Depths-like), the loss averaged over blocks.
-    Returns (loss, s) with s the global weighted sparsity (a tensor with gradient).
+    all_reduce: with several processes (DDP), averages the skip rates over them, so that s is the
+           sparsity of the global batch: one budget, not one per process. The gradient still flows
+           through this process's own gates.
+    Returns (loss, s) with s the global sparsity (a tensor with gradient).
     """
-    per_module = sparsity(gates, None, valid)                       # (L, 2)
-    w = torch.tensor(module_weights if weighting == "params" else (1.0, 1.0),
-                     device=per_module.device, dtype=per_module.dtype)
-    per_layer = (per_module * w).sum(-1) / w.sum()                  # (L,)
+    rates = skip_rates(gates, valid)                                # (L, 2)
+    if all_reduce is not None:
+        rates = rates + (all_reduce(rates.detach().clone()) - rates.detach())
+    per_layer = layer_sparsity(rates, args, kv, weighting)          # (L,)
     s = per_layer.mean()
     if budget == "global":
         loss = alpha * (target - s).abs()
@@ -203,17 +217,14 @@ def routing_stats(gates, args, kv="keep", valid=None):
     param_sparsity = 1 - executed block parameters per token / all block parameters, counting the
     K/V projections as executed when kv == "keep" (they run for every token).
     """
-    gates = gates.detach().float()
-    per_module = sparsity(gates, None, valid)                       # (L, 2) skip rates
-    attn_w, mlp_w = module_params(args, kv)
-    skipped_params = (per_module[:, 0] * attn_w + per_module[:, 1] * mlp_w).sum()
+    rates = skip_rates(gates.detach().float(), valid)               # (L, 2)
     return {
-        "attn_skip": per_module[:, 0].mean().item(),
-        "mlp_skip": per_module[:, 1].mean().item(),
-        "module_sparsity": per_module.mean().item(),
-        "param_sparsity": (skipped_params / (block_params(args) * args.n_layers)).item(),
-        "attn_skip_per_layer": per_module[:, 0].tolist(),
-        "mlp_skip_per_layer": per_module[:, 1].tolist(),
+        "attn_skip": rates[:, 0].mean().item(),
+        "mlp_skip": rates[:, 1].mean().item(),
+        "module_sparsity": rates.mean().item(),
+        "param_sparsity": layer_sparsity(rates, args, kv, "params").mean().item(),
+        "attn_skip_per_layer": rates[:, 0].tolist(),
+        "mlp_skip_per_layer": rates[:, 1].tolist(),
     }
 
 

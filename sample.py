@@ -10,21 +10,20 @@
 (deterministic gates unless --gate sample), prints how much it skipped, and can save a PNG map of
 which sublayers each token executed.
 """
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-import assets
-from errors import UserError, cli
-from model import Transformer
+from checkpoint import load
+from convert import ensure_default_model
+from errors import ArgumentParser, UserError, cli
 from router import Routing, routing_stats
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--model", default=None, help="converted model, stage-1 or stage-2 run (default: the bundled SmolLM2-135M)")
     p.add_argument("--routers", default=None, help="a stage-1 or stage-2 run: generate with its routing")
     p.add_argument("--prompt", default=None, help="prompt text")
@@ -44,7 +43,6 @@ def parse_args(argv=None):
     p.add_argument("--no_cache", action="store_true", help="recompute the whole prefix every step (slow reference)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
-    p.error = lambda msg: (_ for _ in ()).throw(UserError(f"{msg} (see --help)"))
     return p.parse_args(argv)
 
 
@@ -63,8 +61,8 @@ def main(argv=None):
     if a.temperature < 0:
         raise UserError("--temperature must be >= 0")
     device = "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
-    source = a.routers or a.model or assets.ensure_default_model()
-    model = Transformer.from_checkpoint(source, device=device).eval()
+    source = a.routers or a.model or ensure_default_model()
+    model = load(source, device=device)
     tok = model.tokenizer
     if tok is None:
         raise UserError(f"{source} has no tokenizer; convert the model together with its tokenizer files")
@@ -86,10 +84,10 @@ def main(argv=None):
         gates = []
         times = []
 
-        def on_token(nxt, r):
+        def on_token(nxt, step_gates):
             times.append(time.perf_counter())
-            if r is not None:
-                gates.append(r.gate_tensor()[:, :, 0].cpu())  # (L, 2, T_step) for the one sequence
+            if step_gates is not None:
+                gates.append(step_gates[:, :, 0].cpu())  # (L, 2, T_step) for the one sequence
 
         t0 = time.perf_counter()
         out = model.generate(prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,

@@ -215,12 +215,22 @@ class Tokenizer:
         if not ranks_path.exists() or not meta_path.exists():
             raise UserError(f"no tokenizer in {dir} (expected tokenizer.tiktoken and tokenizer.json): "
                             "is it a converted model directory? Convert the checkpoint first (see convert.py)")
-        meta = json.loads(meta_path.read_text())
-        if "pattern" not in meta:
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{meta_path} is damaged ({e}); convert the model again (see convert.py)")
+        if not isinstance(meta, dict) or "pattern" not in meta:
             raise UserError(f"{meta_path} is not this project's tokenizer file (a Hugging Face tokenizer.json?); "
                             "convert the model directory first (see convert.py)")
-        tok = cls(_read_rank_file(ranks_path), meta["special_tokens"], meta["pattern"], meta["name"],
-                  meta["bos_id"], meta["eos_id"], meta["chat_format"], meta.get("default_system"))
+        try:
+            ranks = _read_rank_file(ranks_path)
+        except (ValueError, TypeError) as e:  # a truncated line, bad base64 or a rank that is not a number
+            raise UserError(f"{ranks_path} is damaged ({type(e).__name__}); convert the model again (see convert.py)")
+        try:
+            tok = cls(ranks, meta["special_tokens"], meta["pattern"], meta["name"],
+                      meta["bos_id"], meta["eos_id"], meta["chat_format"], meta.get("default_system"))
+        except KeyError as e:
+            raise UserError(f"{meta_path} lacks {e}; convert the model again (see convert.py)")
         if tok.fingerprint != meta["fingerprint"]:
             raise UserError(f"tokenizer files in {dir} do not match each other (fingerprint "
                             f"{tok.fingerprint} != {meta['fingerprint']}); convert the model again")

@@ -29,12 +29,12 @@ def test_fast_equals_masked_on_cuda(kv):
     x = torch.randint(0, 300, (3, 64), device="cuda")
     force = (torch.rand(4, 2, 3, 64, device="cuda") > 0.4).float()
     with torch.no_grad():
-        a, _ = model(x, routing=Routing(mode="force", force=force))
-        b, _ = model(x, routing=Routing(mode="force", force=force, fast=True))
+        a, _, _ = model(x, routing=Routing(mode="force", force=force))
+        b, _, _ = model(x, routing=Routing(mode="force", force=force, fast=True))
     assert (a - b).abs().max() < 1e-3
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        a, _ = model(x, routing=Routing(mode="force", force=force))
-        b, _ = model(x, routing=Routing(mode="force", force=force, fast=True))
+        a, _, _ = model(x, routing=Routing(mode="force", force=force))
+        b, _, _ = model(x, routing=Routing(mode="force", force=force, fast=True))
     assert torch.isfinite(a).all() and (a.float() - b.float()).abs().max() < 0.1
 
 
@@ -54,7 +54,7 @@ def test_bf16_training_step_on_cuda():
     x = torch.randint(0, 300, (2, 32), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         r = Routing(mode="gumbel", tau=2.0)
-        _, loss = model(x, x, routing=r)
+        _, loss, _ = model(x, x, routing=r)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
 

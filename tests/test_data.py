@@ -12,11 +12,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import assets
+import common
 from errors import UserError
 from tokenizer import GPT2_PATTERN, Tokenizer
 
-text_prepare = assets.load_script(ROOT / "data" / "text" / "prepare.py")
-shakespeare_prepare = assets.load_script(ROOT / "data" / "shakespeare" / "prepare.py")
+text_prepare = common.load_script(ROOT / "data" / "text" / "prepare.py")
+shakespeare_prepare = common.load_script(ROOT / "data" / "shakespeare" / "prepare.py")
 
 
 def byte_tokenizer(eot_id=256):

@@ -130,9 +130,8 @@ def test_fast_scoring_equals_naive(kind):
             P, n, _ = ev.batch_shape([DOCS[i] for i in batch])
             assert counter.tokens == len(batch) * P + sum(len(c) + len(x) - 1 - P for i in batch for c, x in DOCS[i])
     if factory:  # the routers really skip, and not everywhere: the test exercises mixed gates
-        r = factory()
-        model(torch.tensor([DOCS[0][1][0] + DOCS[0][1][1]]), routing=r)
-        g = r.gate_tensor()[1:]
+        _, _, g = model(torch.tensor([DOCS[0][1][0] + DOCS[0][1][1]]), routing=factory())
+        g = g[1:]
         assert 0.1 < g.mean().item() < 0.9
 
 
@@ -147,11 +146,10 @@ def test_skip_counter_matches_routing_stats():
     tokens = torch.randint(0, 101, (3, 20))
     valid = torch.ones(3, 20, dtype=torch.bool)
     valid[1, 12:] = False
-    r = factory()
-    model(tokens, routing=r)
+    _, _, gates = model(tokens, routing=factory())
     counter = ev.SkipCounter()
-    counter.add(r.gate_tensor(), valid)
-    want = routing_stats(r.gate_tensor(), model.args, "keep", valid=valid)
+    counter.add(gates, valid)
+    want = routing_stats(gates, model.args, "keep", valid=valid)
     got = counter.stats(model.args, "keep")
     for k in ("attn_skip", "mlp_skip", "module_sparsity", "param_sparsity"):
         assert abs(got[k] - want[k]) < 1e-6
@@ -171,7 +169,7 @@ def test_lambada_perplexity_equals_per_passage_forward(kind):
     nll, n = 0.0, 0
     for context, word in passages:
         seq = torch.tensor([tok.encode(context + word)])
-        logits, _ = model(seq[:, :-1], routing=factory() if factory else None)
+        logits, _, _ = model(seq[:, :-1], routing=factory() if factory else None)
         nll += F.cross_entropy(logits[0], seq[0, 1:], reduction="sum").item()
         n += seq.shape[1] - 1
     assert got["tokens"] == n and abs(got["ppl"] - math.exp(nll / n)) < 1e-3 * got["ppl"]
@@ -210,11 +208,38 @@ def test_shortgpt_removes_exactly_the_chosen_blocks():
     assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
 
 
-@pytest.mark.parametrize("argv,static", [
-    ([], False), (["--sparsity", "0.3"], False), (["--shortgpt", "3"], True), (["--shortgpt_match"], True),
-    (["--attention_drop", "2"], True), (["--attention_drop_match", "--match_sparsity", "0.1"], True)])
-def test_every_baseline_flag_builds_a_baseline(argv, static):
-    assert ev.static_baseline(ev.parse_args(argv)) == static
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from tiny import save_tiny_data, save_tiny_model
+    d = tmp_path_factory.mktemp("eval_build")
+    return save_tiny_model(d / "base", n_layers=4), save_tiny_data(d / "data")
+
+
+@pytest.mark.parametrize("argv,kind", [
+    ([], "dense"), (["--shortgpt", "2"], "shortgpt"), (["--shortgpt_match", "--match_sparsity", "0.5"], "shortgpt"),
+    (["--attention_drop", "2"], "attention_drop"),
+    (["--attention_drop_match", "--match_sparsity", "0.2"], "attention_drop")])
+def test_every_baseline_flag_builds_that_baseline(tiny_run, argv, kind):
+    """build() returns the model the flags ask for: blocks really removed, attention really dropped,
+    and different outputs from the dense model (evaluating the dense model instead would fail here)."""
+    import contextlib
+    base, data = tiny_run
+    a = ev.parse_args(["--model", str(base), "--data_dir", str(data), *argv])
+    model, label, routing, info = ev.build(a, base, base, "cpu", contextlib.nullcontext())
+    dense = ev.load(base)
+    x = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        same = torch.allclose(model(x)[0], dense(x)[0], atol=1e-6)
+    assert info["kind"] == kind and routing is None
+    if kind == "dense":
+        assert same
+        return
+    assert not same
+    if kind == "shortgpt":
+        assert model.args.n_layers == 4 - 2 and len(info["removed_blocks"]) == 2
+    else:
+        dropped = [i for i, layer in enumerate(model.layers) if isinstance(layer.attention, baselines.NoAttention)]
+        assert dropped == info["dropped_attention"] and len(dropped) >= 1 and model.args.n_layers == 4
 
 
 def test_attention_drop_matches_params_then_modules():
@@ -227,6 +252,25 @@ def test_attention_drop_matches_params_then_modules():
         ev.attention_modules_for(args, attn_share)
     assert ev.attention_modules_for(args, attn_share, module_sparsity=0.25) == (2, "modules")  # 0.25 * 8 modules
     assert ev.attention_modules_for(args, 0.9, module_sparsity=0.9) == (3, "modules")         # never all of them
+
+
+def test_scored_documents_never_include_the_calibration_ones(monkeypatch):
+    """Whatever --limit or --lambada ask for (ARC-Challenge has only 299 documents), the documents and
+    passages that calibrate --sparsity are never scored."""
+    docs = [tasks.Doc(i, [f"q{i}"] * 2, [" right", " wrong"], 0) for i in range(20)]
+    passages = [(f"passage {i}", " w") for i in range(30)]
+    monkeypatch.setattr(tasks, "load_task", lambda name, limit=None: docs[:limit])
+    monkeypatch.setattr(tasks, "load_lambada", lambda limit=None: passages[:limit])
+    calibration = set(map(tuple, ev.calibration_sequences(CharTokenizer(), max_len=128)))
+    tok = CharTokenizer()
+    for limit in (None, 5, 12, 19, 20, 1000):
+        scored = ev.scored_docs("arc_challenge", limit)
+        assert len(scored) == min(limit or 20, 20 - ev.CALIBRATION_DOCS)
+        as_seqs = {tuple(tok.encode(d.contexts[0]) + tok.encode(" right")) for d in scored}
+        assert not as_seqs & calibration
+        lam = ev.scored_passages(limit)
+        assert len(lam) == min(limit or 30, 30 - ev.CALIBRATION_PASSAGES)
+        assert not {tuple(tok.encode(c) + tok.encode(w)) for c, w in lam} & calibration
 
 
 def test_calibration_text_is_held_out_and_scored_like_the_tasks(monkeypatch):
@@ -247,9 +291,8 @@ def test_routed_sparsity_counts_real_tokens_only():
     seqs = [list(range(1, 1 + n)) for n in (5, 17, 9, 30, 2)]
     skipped = tokens = 0
     for s in seqs:
-        r = Routing(mode="hard", offset=0.3)
-        model(torch.tensor([s]), routing=r)
-        skipped += routing_stats(r.gate_tensor(), model.args)["param_sparsity"] * len(s)
+        _, _, gates = model(torch.tensor([s]), routing=Routing(mode="hard", offset=0.3))
+        skipped += routing_stats(gates, model.args)["param_sparsity"] * len(s)
         tokens += len(s)
     for batch_tokens in (8, 40, 1000):  # one per batch, some batched, all in one
         assert ev.routed_sparsity(model, seqs, 0.3, batch_tokens=batch_tokens) == pytest.approx(skipped / tokens, abs=1e-6)

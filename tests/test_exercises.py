@@ -12,11 +12,13 @@ import torch
 
 import analyze
 import bench
+import common
 import eval as ev
 import experiments
 import sample
 import train_stage1
 import train_stage2
+import training
 from common import parse_settings
 from router import RouterConfig, Routing, gumbel_gate
 from tiny import save_tiny_data, save_tiny_model
@@ -94,8 +96,7 @@ def test_stage1_commands_run(argv, tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [a for s, a in doc_commands() if s == "train_stage2"], ids=" ".join)
 def test_stage2_commands_run(argv, tiny, tiny_stage1, tmp_path, capsys, monkeypatch):
-    import common
-    monkeypatch.setattr(train_stage2, "val_windows", lambda data: common.val_windows(data, n=4, block=32))
+    monkeypatch.setattr(training, "val_windows", lambda data: common.val_windows(data, n=4, block=32))
     train_stage2.main(fast_form(argv, tiny, tmp_path / "run") + ["--init_from", str(tiny_stage1)])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     r = int(argv[argv.index("--lora_r") + 1])

@@ -6,8 +6,6 @@ import torch
 
 import bench
 import experiments
-from router import RouterConfig, Routing
-from tiny import tiny_model
 
 
 def write_job(name, out, deps=(), code="pass"):
@@ -39,12 +37,31 @@ def test_a_failed_job_fails_its_dependents_only(tmp_path):
     assert (tmp_path / "fine.out").exists() and not (tmp_path / "x.out").exists()
 
 
-def test_speed_phase_reports_dense_as_one():
-    model = tiny_model().eval()
-    routed = tiny_model().eval().add_routers(RouterConfig(protect_first=0))
-    speeds = bench.prefill_speedups({"dense": (model, None), "routed": (routed, lambda: Routing(mode="hard", fast=True))},
-                                     torch.randint(0, 260, (1, 32)), repeats=2, threads=1)
-    assert speeds["dense"][1] == 1.0 and speeds["routed"][0] > 0
+def test_speed_phase_takes_interleaved_medians_against_the_first_model(monkeypatch):
+    """bench.prefill_speedups on a fake clock: each model's prefill "takes" a known time per
+    repetition (with an outlier); the result must be the medians' ratios to the first model, every
+    model timed once per repetition, the warm-up discarded, the order rotating."""
+    durations = {"dense": [9.0, 2.0, 2.0, 2.2, 50.0, 1.8],   # first: warm-up (dropped); median of the rest 2.0
+                 "routed": [9.0, 1.0, 1.1, 0.9, 1.0, 30.0],  # median 1.0: twice as fast
+                 "pruned": [9.0, 4.0, 4.0, 3.0, 5.0, 4.0]}   # median 4.0: half as fast
+    clock, calls = [0.0], {n: 0 for n in durations}
+    models = {n: (n, None) for n in durations}               # the fake run_prefill sees the name as "model"
+    order = []
+
+    def fake_prefill(model, tokens, routing_fn):
+        clock[0] += durations[model][calls[model]]
+        calls[model] += 1
+        order.append(model)
+
+    monkeypatch.setattr(bench, "run_prefill", fake_prefill)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    speeds = bench.prefill_speedups(models, torch.zeros(1, 100, dtype=torch.long), repeats=5, threads=1)
+    assert speeds["dense"] == pytest.approx((100 / 2.0, 1.0))
+    assert speeds["routed"] == pytest.approx((100 / 1.0, 2.0))
+    assert speeds["pruned"] == pytest.approx((100 / 4.0, 0.5))
+    assert all(c == 6 for c in calls.values())
+    rounds = [order[i:i + 3] for i in range(0, 18, 3)]
+    assert all(sorted(r) == sorted(durations) for r in rounds) and rounds[0] != rounds[1]  # interleaved, rotating
 
 
 def test_command_line_errors():

@@ -10,9 +10,10 @@ from safetensors.torch import load_file, save_file
 import assets
 import common
 import train_stage2
-from checkpoint import attach_routers, load_model, read_config, save_model_dir
+import training
+from checkpoint import RUN_VERSION, attach_lora, attach_routers, load, read_config, save_model_dir
 from errors import UserError
-from lora import (LoRALinear, add_lora, attach_lora_run, lora_layers, lora_state_dict, mark_only_lora_trainable,
+from lora import (LoRALinear, add_lora, lora_layers, lora_state_dict, mark_only_lora_trainable,
                   merge_lora)
 from model import ModelArgs, Transformer
 from router import RouterConfig, Routing
@@ -120,7 +121,7 @@ def test_training_step_changes_only_lora():
     lora_before = {k: v.clone() for k, v in lora_state_dict(model).items()}
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     model.train()
-    loss = train_stage2.forward_loss(model, x[:, :-1], x[:, 1:], Routing(mode="hard"), contextlib.nullcontext())
+    loss, _ = train_stage2.Stage().loss(model, x[:, :-1], x[:, 1:], 0, train_stage2.Settings(), contextlib.nullcontext(), None)
     loss.backward()
     opt.step()
     after = model.state_dict()
@@ -157,7 +158,7 @@ def write_base(path, model):
     state = {k: v for k, v in model.state_dict().items() if "_router." not in k and "lora_" not in k}
     state.pop("output.weight")  # tied embeddings: stored once
     save_model_dir(path, state, model.args, model.tokenizer, source={})
-    return load_model(path)
+    return load(path)
 
 
 def write_stage1(path, base, seed=3, offset=0.25):
@@ -166,7 +167,7 @@ def write_stage1(path, base, seed=3, offset=0.25):
     base.add_routers(RouterConfig(init="paper", protect_first=0))
     path.mkdir(parents=True)
     save_file(base.router_state_dict(), path / "routers.safetensors")
-    cfg = {"format": "stage1", "base": {"path": base.source["path"], "fingerprint": base.source["fingerprint"]},
+    cfg = {"format": "stage1", "version": RUN_VERSION, "base": {"path": base.source["path"], "fingerprint": base.source["fingerprint"]},
            "router": base.router_cfg.to_dict(), "offset": offset, "finished": True, "settings": {}}
     (path / "config.json").write_text(json.dumps(cfg))
     return path
@@ -187,9 +188,10 @@ def trained_stage2(tmp_path, stage1_dir, dense=False):
     params = mark_only_lora_trainable(model)
     out = tmp_path / "stage2"
     out.mkdir()
-    stage1 = None if dense else train_stage2.stage1_reference(stage1_dir)
+    stage = train_stage2.Stage()
+    stage.stage1 = None if dense else train_stage2.stage1_reference(stage1_dir)
     rngs = (torch.get_rng_state(), torch.Generator().get_state())
-    train_stage2.save_run(out, model, s, 5, torch.optim.AdamW(params), rngs, stage1, final=True)
+    training.save_run(out, stage, model, s, 5, torch.optim.AdamW(params), rngs, final=True)
     return model.eval(), out
 
 
@@ -199,7 +201,7 @@ def test_stage2_run_reloads_to_identical_logits(tmp_path, stage1_run, dense):
     cfg = read_config(out)
     assert cfg["format"] == "stage2" and cfg["lora"] == {"r": 16, "alpha": 32.0, "dropout": 0.1, "targets": ["wq", "wv", "w1"]}
     assert (cfg["stage1"] is None) == dense
-    loaded = Transformer.from_checkpoint(out).eval()
+    loaded = load(out).eval()
     assert (loaded.router_cfg is None) == dense and loaded.routing_offset == (0.0 if dense else 0.25)
     x = tokens()
     assert torch.equal(logits(loaded, x), logits(model, x))
@@ -210,7 +212,7 @@ def test_merged_checkpoint_matches_base_plus_lora(tmp_path, stage1_run, dense):
     model, out = trained_stage2(tmp_path, stage1_run, dense)
     merged_dir = train_stage2.save_merged(model, out, None if dense else read_config(stage1_run))
     assert read_config(merged_dir)["format"] == ("model" if dense else "stage1")
-    merged = Transformer.from_checkpoint(merged_dir).eval()
+    merged = load(merged_dir).eval()
     assert not lora_layers(merged) and merged.routing_offset == model.routing_offset
     x = tokens()
     assert torch.allclose(logits(merged, x), logits(model, x), atol=1e-5, rtol=0)
@@ -224,25 +226,25 @@ def test_routers_of_another_base_are_refused(tmp_path, stage1_run):
         attach_routers(other, stage1_run)
     _, out = trained_stage2(tmp_path, stage1_run)
     with pytest.raises(UserError, match="holds LoRA weights for base model"):
-        attach_lora_run(load_model(tmp_path / "other"), out, read_config(out))
+        attach_lora(load(tmp_path / "other"), out, read_config(out))
     # the base a run names was replaced by another model: refused by fingerprint, on one line
     write_base(tmp_path / "base2", tiny(seed=9))
     (tmp_path / "base" / "model.safetensors").write_bytes((tmp_path / "base2" / "model.safetensors").read_bytes())
     cfg = read_config(tmp_path / "base2")
     (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="routers from another base model"):
-        load_model(out)
+        load(out)
 
 
 def test_stage2_refuses_changed_stage1_routers(tmp_path, stage1_run):
     _, out = trained_stage2(tmp_path, stage1_run)
-    base = load_model(read_config(stage1_run)["base"]["path"])
+    base = load(read_config(stage1_run)["base"]["path"])
     (stage1_run / "routers.safetensors").unlink()
     torch.manual_seed(7)
     base.add_routers(RouterConfig(init="paper", protect_first=0))
     save_file(base.router_state_dict(), stage1_run / "routers.safetensors")
     with pytest.raises(UserError, match="now holds other routers"):
-        load_model(out)
+        load(out)
 
 
 # ---- the command line, end to end, on a tiny model and a tiny byte-level corpus ------------------
@@ -254,7 +256,7 @@ def byte_tokenizer():
 @pytest.fixture
 def project(tmp_path, capsys, monkeypatch):
     """A tiny base with a tokenizer, a stage-1 run on it, token files; -> (stage-1 dir, run(*flags) -> JSON)."""
-    monkeypatch.setattr(train_stage2, "val_windows", lambda data: common.val_windows(data, n=4, block=32))
+    monkeypatch.setattr(training, "val_windows", lambda data: common.val_windows(data, n=4, block=32))
     tok = byte_tokenizer()
     model = tiny(vocab_size=257)
     model.tokenizer = tok
@@ -281,8 +283,8 @@ def test_cli_end_to_end(tmp_path, project):
     assert (out / "curves.png").exists() and read_config(out)["finished"]
     assert [r["iter"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"] == [0, 1, 2]
     x = tokens(vocab=257)
-    torch.testing.assert_close(logits(Transformer.from_checkpoint(out / "merged"), x),
-                               logits(Transformer.from_checkpoint(out), x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(load(out / "merged"), x),
+                               logits(load(out), x), atol=1e-5, rtol=0)
     with pytest.raises(UserError, match="already holds a stage-2 run"):
         run("--init_from", str(stage1), "--out_dir", str(out))
 
@@ -301,20 +303,20 @@ def test_cli_end_to_end(tmp_path, project):
 def test_cli_interrupted_run_resumes_to_the_same_weights(tmp_path, project, monkeypatch):
     stage1, run = project
     run("--init_from", str(stage1), "--out_dir", str(tmp_path / "straight"), "--max_iters", "4")
-    calls, forward_loss = [0], train_stage2.forward_loss
+    calls, stage_loss = [0], train_stage2.Stage.loss
 
     def interrupt_third_step(*args):
-        loss = forward_loss(*args)  # after the step drew its batch and dropout masks
+        loss = stage_loss(*args)  # after the step drew its batch and dropout masks
         calls[0] += 1
         if calls[0] == 3:
             raise KeyboardInterrupt  # Ctrl-C during step 2
         return loss
 
-    monkeypatch.setattr(train_stage2, "forward_loss", interrupt_third_step)
+    monkeypatch.setattr(train_stage2.Stage, "loss", interrupt_third_step)
     with pytest.raises(SystemExit):
         run("--init_from", str(stage1), "--out_dir", str(tmp_path / "resumed"), "--max_iters", "4")
     assert read_config(tmp_path / "resumed")["iter"] == 2
-    monkeypatch.setattr(train_stage2, "forward_loss", forward_loss)
+    monkeypatch.setattr(train_stage2.Stage, "loss", stage_loss)
     run("--out_dir", str(tmp_path / "resumed"), "--resume", "true", "--max_iters", "4")
     a, b = (load_file(tmp_path / d / "lora.safetensors") for d in ("straight", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

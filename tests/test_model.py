@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from checkpoint import load_model
+from checkpoint import load
 from convert import convert_hf
 from errors import UserError
 from model import ModelArgs, Transformer
@@ -51,11 +51,11 @@ def make_hf_model(tmp_path, overrides, published_form=False, seed=0):
 def test_logits_match_transformers(tmp_path, name, overrides, published):
     hf = make_hf_model(tmp_path, overrides, published)
     convert_hf(tmp_path / "hf", tmp_path / "ours")
-    model = load_model(tmp_path / "ours").eval()
+    model = load(tmp_path / "ours").eval()
     tokens = torch.randint(0, 211, (2, 100))  # > original_max_position_embeddings: long-context scaling matters
     with torch.no_grad():
         ref = hf(tokens).logits
-        ours, _ = model(tokens)
+        ours, _, _ = model(tokens)
     assert (ours - ref).abs().max().item() < 1e-4
     if published:
         assert model.args.rope_scaling["factor"] == 32.0
@@ -67,12 +67,12 @@ def test_kv_cache_matches_full_forward(tmp_path):
                                   vocab_size=101, max_seq_len=64)).eval()
     tokens = torch.randint(0, 101, (2, 24))
     with torch.no_grad():
-        full, _ = model(tokens)
+        full, _, _ = model(tokens)
         for chunks in ([10, 1, 1, 1, 11], [24], [1] * 24, [5, 7, 12]):
             model.setup_cache(2, 32)
             pos, outs = 0, []
             for n in chunks:
-                logits, _ = model(tokens[:, pos:pos + n], start_pos=pos)
+                logits, _, _ = model(tokens[:, pos:pos + n], start_pos=pos)
                 outs.append(logits)
                 pos += n
             model.clear_cache()
@@ -97,8 +97,8 @@ def test_loss_ignores_padding():
     y = torch.randint(0, 50, (1, 8))
     y_pad = y.clone()
     y_pad[0, 5:] = -1
-    logits, _ = model(x)
-    _, loss = model(x, y_pad)
+    logits, _, _ = model(x)
+    _, loss, _ = model(x, y_pad)
     ref = torch.nn.functional.cross_entropy(logits[0, :5], y[0, :5])
     assert torch.allclose(loss, ref, atol=1e-6)
 
@@ -142,4 +142,4 @@ def test_wrong_shape_is_named(tmp_path):
 
 def test_missing_checkpoint_path():
     with pytest.raises(UserError, match="not found"):
-        load_model("/nonexistent/model")
+        load("/nonexistent/model")

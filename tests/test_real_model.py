@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import assets
-from model import Transformer
+from checkpoint import load
+from convert import ensure_default_model
 from router import Routing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return Transformer.from_checkpoint(assets.ensure_default_model()).eval()
+    return load(ensure_default_model()).eval()
 
 
 def greedy(model, prompt, n, routing=None):
@@ -53,10 +54,10 @@ def test_sample_cli_offline():
 
 
 def test_committed_default_routers_give_their_known_continuation():
-    # pretrained/stage1-smollm2-135m was produced by `python train_stage1.py` (README); at 25% sparsity
-    # the routed model keeps fluent English but has lost this fact
-    model = Transformer.from_checkpoint(ROOT / "pretrained" / "stage1-smollm2-135m").eval()
+    # pretrained/stage1-smollm2-135m was produced by `python train_stage1.py` (README); at its trained
+    # offset the routed model (masked and fast paths alike) continues this prompt as below
+    model = load(ROOT / "pretrained" / "stage1-smollm2-135m").eval()
     assert model.router_cfg is not None and model.routing_offset != 0
     for fast in (False, True):
         routing = Routing(mode="hard", offset=model.routing_offset, fast=fast)
-        assert greedy(model, "The capital of France is", 12, routing) == " the largest city in the United States.\n\nThe United"
+        assert greedy(model, "The capital of France is", 12, routing) == " Paris.\n\nThe capital of France is Paris.\n"

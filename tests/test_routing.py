@@ -28,11 +28,11 @@ def test_gumbel_gate_is_exactly_binary_and_has_gradient():
 def test_execute_everything_is_the_dense_model_exactly():
     model = routed_model()
     x = torch.randint(0, 101, (2, 16))
-    dense, _ = model(x)
+    dense, _, _ = model(x)
     ones = torch.ones(3, 2, 2, 16)
-    routed, _ = model(x, routing=Routing(mode="force", force=ones))
+    routed, _, _ = model(x, routing=Routing(mode="force", force=ones))
     assert torch.equal(dense, routed)
-    fast, _ = model(x, routing=Routing(mode="force", force=ones, fast=True))
+    fast, _, _ = model(x, routing=Routing(mode="force", force=ones, fast=True))
     assert torch.equal(dense, fast)
 
 
@@ -42,39 +42,45 @@ def test_skip_everything_is_embeddings_norm_head():
     zeros = torch.zeros(3, 2, 2, 16)
     ref = model.output(model.norm(model.tok_embeddings(x)))
     for fast in (False, True):
-        out, _ = model(x, routing=Routing(mode="force", force=zeros, fast=fast))
+        out, _, _ = model(x, routing=Routing(mode="force", force=zeros, fast=fast))
         assert torch.allclose(out, ref, atol=1e-6)
 
 
 def test_protected_blocks_always_execute():
     torch.manual_seed(0)
     model = Transformer(ModelArgs(**ARGS)).eval().add_routers(RouterConfig(protect_first=2))
-    r = Routing(mode="force", force=torch.zeros(3, 2, 1, 8))
-    model(torch.randint(0, 101, (1, 8)), routing=r)
-    g = r.gate_tensor()
+    _, _, g = model(torch.randint(0, 101, (1, 8)), routing=Routing(mode="force", force=torch.zeros(3, 2, 1, 8)))
     assert g[:2].eq(1).all() and g[2].eq(0).all()
 
 
+@pytest.mark.parametrize("kv", ["keep", "evict"])
 @pytest.mark.parametrize("weighting", ["modules", "params"])
-def test_sparsity_loss_matches_hand_computation(weighting):
+def test_sparsity_loss_matches_hand_computation(weighting, kv):
     args = ModelArgs(**ARGS)
     gates = torch.tensor([[[[1., 0, 1, 1]], [[0., 0, 1, 1]]],      # layer 0: attn skips 1/4, mlp 2/4
                           [[[1., 1, 1, 1]], [[1., 1, 1, 0]]],      # layer 1: attn 0, mlp 1/4
                           [[[0., 0, 0, 0]], [[1., 1, 1, 1]]]])     # layer 2: attn 1, mlp 0
-    wa, wm = module_params(args, "keep")
-    loss, s = sparsity_loss(gates, 0.3, 8.0, weighting, "global", (wa, wm))
+    # the weights by hand: dim 64, 4 query heads and 2 K/V heads of 16, hidden 96
+    wq = wo = 64 * 64
+    wk = wv = 64 * 32
+    w1 = w2 = w3 = 64 * 96
+    block = wq + wk + wv + wo + w1 + w2 + w3                      # the denominator: every block weight
+    wa = wq + wo + (wk + wv if kv == "evict" else 0)              # what a skipped attention does not run
+    wm = w1 + w2 + w3
+    loss, s = sparsity_loss(gates, 0.3, 8.0, args, kv, weighting, "global")
     attn = [0.25, 0.0, 1.0]
     mlp = [0.5, 0.25, 0.0]
     if weighting == "modules":
-        expected = (sum(attn) + sum(mlp)) / 6
+        per_layer = [(a + m) / 2 for a, m in zip(attn, mlp)]
     else:
-        expected = (wa * sum(attn) + wm * sum(mlp)) / (3 * (wa + wm))
+        per_layer = [(wa * a + wm * m) / block for a, m in zip(attn, mlp)]
+    expected = sum(per_layer) / 3
     assert s.item() == pytest.approx(expected, rel=1e-6)
     assert loss.item() == pytest.approx(8.0 * abs(0.3 - expected), rel=1e-4, abs=1e-6)
+    if weighting == "params":  # the loss's s is the sparsity every report shows
+        assert s.item() == pytest.approx(routing_stats(gates, args, kv)["param_sparsity"], rel=1e-6)
     # per-layer budget: mean over layers of |target - s_l|
-    loss_pl, _ = sparsity_loss(gates, 0.3, 8.0, weighting, "per_layer", (wa, wm))
-    w = (1, 1) if weighting == "modules" else (wa, wm)
-    per_layer = [(w[0] * a + w[1] * m) / (w[0] + w[1]) for a, m in zip(attn, mlp)]
+    loss_pl, _ = sparsity_loss(gates, 0.3, 8.0, args, kv, weighting, "per_layer")
     assert loss_pl.item() == pytest.approx(8.0 * sum(abs(0.3 - p) for p in per_layer) / 3, rel=1e-6)
 
 
@@ -102,12 +108,10 @@ def test_routing_is_causal(kv, mlp_input):
     y = x.clone()
     y[0, 12:] = torch.randint(0, 101, (12,))
     for fast in (False, True):
-        ra, rb = Routing(fast=fast), Routing(fast=fast)
-        a, _ = model(x, routing=ra)
-        b, _ = model(y, routing=rb)
+        a, _, g = model(x, routing=Routing(fast=fast))
+        b, _, gb = model(y, routing=Routing(fast=fast))
         assert torch.allclose(a[:, :12], b[:, :12], atol=1e-5)
-        assert torch.equal(ra.gate_tensor()[..., :12], rb.gate_tensor()[..., :12])
-        g = ra.gate_tensor()
+        assert torch.equal(g[..., :12], gb[..., :12])
         assert 0 < g.mean() < 1  # decisions of both kinds were exercised
 
 
@@ -119,8 +123,8 @@ def test_fast_path_equals_masked_path(kv, skip):
     B, T = 3, 20
     x = torch.randint(0, 101, (B, T))
     force = (torch.rand(3, 2, B, T) >= skip).float()
-    masked, _ = model(x, routing=Routing(mode="force", force=force))
-    fast, _ = model(x, routing=Routing(mode="force", force=force, fast=True))
+    masked, _, _ = model(x, routing=Routing(mode="force", force=force))
+    fast, _, _ = model(x, routing=Routing(mode="force", force=force, fast=True))
     assert (masked - fast).abs().max() < 1e-4
     # decode against the KV cache, in chunks and one token at a time, batched and batch 1
     for batch in (slice(0, B), slice(1, 2)):
@@ -129,7 +133,7 @@ def test_fast_path_equals_masked_path(kv, skip):
             outs, pos = [], 0
             for n in (8, 1, 1, 5, 5):
                 f = force[:, :, batch]
-                o, _ = model(x[batch, pos:pos + n], routing=Routing(mode="force", force=f, fast=fast_path), start_pos=pos)
+                o, _, _ = model(x[batch, pos:pos + n], routing=Routing(mode="force", force=f, fast=fast_path), start_pos=pos)
                 outs.append(o)
                 pos += n
             model.clear_cache()
@@ -155,6 +159,92 @@ def test_fast_path_flops_follow_the_analytic_count():
     assert flops["dense"] - flops["routed"] >= saved_matmul
 
 
+def flops_by_module(model, x, routing, start_pos=0):
+    """FLOPs counted per linear layer name (e.g. "layers.1.attention.wk") of one forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        model(x, routing=routing, start_pos=start_pos)
+    counts = fc.get_flop_counts()
+    return {name.removeprefix("Transformer."): sum(c.values()) for name, c in counts.items()}
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_evict_computes_k_and_v_only_for_tokens_that_execute_attention(B):
+    """Under evict the fast path runs wk and wv on the executing tokens only: the accounting that
+    credits K/V as saved (module_params(..., "evict")) is work that really does not run."""
+    args = ModelArgs(**ARGS)
+    T = 24
+    x = torch.randint(0, 101, (B, T))
+    force = torch.ones(3, 2, B, T)
+    force[:, 0, :, 1::3] = 0                                    # a third of the tokens skip attention everywhere
+    executing = int(force[0, 0].sum())
+    kv_dim = args.n_kv_heads * args.head_dim
+    for kv in ("keep", "evict"):
+        model = routed_model(kv=kv)
+        counts = flops_by_module(model, x, Routing(mode="force", force=force, fast=True))
+        for layer in range(3):
+            tokens_run = B * T if kv == "keep" else executing
+            for proj in ("wk", "wv"):
+                assert counts[f"layers.{layer}.attention.{proj}"] == 2 * tokens_run * args.dim * kv_dim, (kv, proj)
+            assert counts[f"layers.{layer}.attention.wq"] == 2 * executing * args.dim * args.n_heads * args.head_dim
+    # and the outputs still equal the masked reference under evict
+    model = routed_model(kv="evict")
+    masked, _, _ = model(x, routing=Routing(mode="force", force=force))
+    fast, _, _ = model(x, routing=Routing(mode="force", force=force, fast=True))
+    assert (masked - fast).abs().max() < 1e-4
+
+
+def test_evict_decoding_writes_no_k_v_for_a_skipped_token():
+    """Batch-1 decoding under evict: a token that skips attention computes no K/V at all."""
+    model = routed_model(kv="evict")
+    x = torch.randint(0, 101, (1, 9))
+    force = torch.ones(3, 2, 1, 9)
+    force[:, 0, :, 8] = 0                                       # the last token skips attention
+    model.setup_cache(1, 9)
+    try:
+        model(x[:, :8], routing=Routing(mode="force", force=force, fast=True))
+        counts = flops_by_module(model, x[:, 8:], Routing(mode="force", force=force, fast=True), start_pos=8)
+        keep_flags = [layer.attention.cache.keep[0, 8].item() for layer in model.layers]
+    finally:
+        model.clear_cache()
+    assert not any(k.endswith(("wk", "wv", "wq", "wo")) and v for k, v in counts.items())
+    assert all(counts[f"layers.{i}.feed_forward.w1"] for i in range(3))  # the MLPs did run
+    assert keep_flags == [False] * 3
+
+
+def decisive_routers(model, scale=20.0):
+    """Sharpen the routers so that deterministic routing gives both decisions often."""
+    with torch.no_grad():
+        for layer in model.layers:
+            for r in (layer.attention_router, layer.ffn_router):
+                r.proj.weight.mul_(scale)
+    return model
+
+
+@pytest.mark.parametrize("kv", ["keep", "evict"])
+@pytest.mark.parametrize("mlp_input", ["block", "post_attn"])
+def test_fast_path_equals_masked_path_with_router_decisions(kv, mlp_input):
+    """Not forced gates: the routers decide (hard gates at an offset), on both paths, batched and not,
+    with and without the KV cache. Same gates, same logits."""
+    model = decisive_routers(routed_model(kv=kv, mlp_input=mlp_input))
+    x = torch.randint(0, 101, (3, 20), generator=torch.Generator().manual_seed(5))
+    routing = dict(mode="hard", offset=0.5)
+    masked, _, g_masked = model(x, routing=Routing(**routing))
+    fast, _, g_fast = model(x, routing=Routing(**routing, fast=True))
+    assert 0.2 < g_masked.mean() < 0.9                            # both decisions occur
+    assert torch.equal(g_masked, g_fast)
+    assert (masked - fast).abs().max() < 1e-4
+    for batch in (slice(0, 3), slice(2, 3)):                    # decoding against the cache, chunks and single tokens
+        model.setup_cache(3, 20)
+        outs, pos = [], 0
+        for n in (7, 1, 1, 11):
+            o, _, _ = model(x[batch, pos:pos + n], routing=Routing(**routing, fast=True), start_pos=pos)
+            outs.append(o)
+            pos += n
+        model.clear_cache()
+        assert (torch.cat(outs, 1) - masked[batch]).abs().max() < 1e-4
+
+
 def test_cached_routed_generation_equals_uncached():
     model = routed_model()
     with torch.no_grad():
@@ -173,9 +263,8 @@ def test_calibrated_offset_hits_the_requested_sparsity():
     windows = torch.randint(0, 260, (8, 65))
 
     def measure(offset):
-        r = Routing(mode="hard", offset=offset)
-        model(windows[:, :-1], routing=r)
-        return routing_stats(r.gate_tensor(), model.args)["param_sparsity"]
+        _, _, gates = model(windows[:, :-1], routing=Routing(mode="hard", offset=offset))
+        return routing_stats(gates, model.args)["param_sparsity"]
 
     for target in (0.1, 0.3, 0.5):
         offset = calibrate_offset(measure, target, lo=-30, hi=30, iters=20)
@@ -197,7 +286,7 @@ def test_fast_path_gives_the_masked_paths_lora_gradients():
     grads = []
     for fast in (False, True):
         model.zero_grad()
-        _, loss = model(x, y, routing=Routing(mode="force", force=force, fast=fast))
+        _, loss, _ = model(x, y, routing=Routing(mode="force", force=force, fast=fast))
         loss.backward()
         grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
     assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-5)

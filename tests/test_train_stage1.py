@@ -1,4 +1,5 @@
 """Stage 1 end to end on a tiny random model: what trains, what is saved, resume, DDP, bad input."""
+import contextlib
 import json
 import os
 import subprocess
@@ -9,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 import train_stage1
+import training
 from errors import UserError
-from model import Transformer
+from checkpoint import load
 from tiny import save_tiny_data, save_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,22 +36,58 @@ def run(argv, capsys):
     return json.loads(out[-1])
 
 
-def test_step_changes_routers_only(tiny, tmp_path):
+def initial_routers(base, cfg, seed=1337):
+    """The routers a run with this seed starts from (train_stage1 seeds right before add_routers)."""
+    torch.manual_seed(seed)
+    return {k: v for k, v in load(base).add_routers(cfg).state_dict().items() if "_router." in k}
+
+
+@pytest.mark.parametrize("lr", ["0.002", "0"])
+def test_step_changes_routers_only(tiny, tmp_path, lr):
     base, data = tiny
-    before = Transformer.from_checkpoint(base).state_dict()
-    train_stage1.main(args_for(tiny, tmp_path / "run", "--max_iters", "2", "--calibrate", "false"))
-    after = Transformer.from_checkpoint(tmp_path / "run")
+    before = load(base).state_dict()
+    train_stage1.main(args_for(tiny, tmp_path / "run", "--max_iters", "2", "--calibrate", "false",
+                               "--learning_rate", lr, "--weight_decay", "0"))
+    after = load(tmp_path / "run")
     for name, value in after.state_dict().items():
         if "_router." in name:
             continue
         assert torch.equal(value, before[name]), name
-    fresh = Transformer.from_checkpoint(base).add_routers(after.router_cfg)
-    torch.manual_seed(0)
     trained = load_file(tmp_path / "run" / "routers.safetensors")
-    changed = [k for k in trained if "layers.3." in k and not torch.equal(trained[k], fresh.state_dict()[k])]
-    assert changed, "routers of an unprotected block did not change"
-    # nothing of the base is stored in the run
-    assert set(trained) == {k for k in after.state_dict() if "_router." in k}
+    start = initial_routers(base, after.router_cfg)
+    assert set(trained) == set(start)  # nothing of the base is stored in the run
+    changed = [k for k in trained if not torch.equal(trained[k], start[k])]
+    if lr == "0":  # the comparison is against the run's true starting point: with no step, nothing moved
+        assert changed == []
+    else:
+        assert any("layers.3." in k for k in changed), "routers of an unprotected block did not change"
+        assert not any("layers.0." in k or "layers.1." in k for k in changed)  # protected blocks get no gradient
+
+
+def test_tau_and_target_schedules():
+    s = train_stage1.Settings(max_iters=11, tau_start=5.0, tau_end=1.0, target_sparsity=0.3, sparsity_warmup=0.5)
+    taus = [train_stage1.tau_at(i, s) for i in range(11)]
+    assert taus == pytest.approx([5.0 - 0.4 * i for i in range(11)])  # linear, 5 at the first step, 1 at the last
+    targets = [train_stage1.target_at(i, s) for i in range(11)]
+    warm = 0.5 * 11                                                  # the ramp spans 5.5 steps
+    assert targets == pytest.approx([0.3 * min(1.0, (i + 1) / warm) for i in range(11)])
+    assert targets[4] < 0.3 and targets[5] == 0.3
+    flat = train_stage1.Settings(max_iters=11, target_sparsity=0.3, sparsity_warmup=0.0)
+    assert [train_stage1.target_at(i, flat) for i in range(11)] == [0.3] * 11
+
+
+def test_distillation_loss_value_and_gradient():
+    """KL(teacher || student) per token, averaged over tokens: value and gradient by hand."""
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 3, 7, generator=g, requires_grad=True)
+    teacher = torch.randn(2, 3, 7, generator=g) * 3
+    loss = train_stage1.distill_loss(student, teacher)
+    p, q = teacher.softmax(-1), student.detach().softmax(-1)
+    direct = (p * (p.log() - q.log())).sum(-1).mean()
+    assert loss.item() == pytest.approx(direct.item(), rel=1e-5)
+    loss.backward()
+    # d/dz_s of sum_v p_v (log p_v - log softmax(z_s)_v), averaged over the 6 tokens: (softmax(z_s) - p) / 6
+    torch.testing.assert_close(student.grad, (q - p) / 6, atol=1e-6, rtol=1e-5)
 
 
 def test_short_run_moves_sparsity_toward_target(tiny, tmp_path, capsys):
@@ -73,7 +111,7 @@ def test_calibrated_run_hits_target(tiny, tmp_path, capsys):
     assert cfg["finished"] and cfg["offset"] == summary["offset"]
     # the offset is calibrated on training text; validation text lands close to it
     assert abs(summary["val_param_sparsity"] - 0.3) < 0.1
-    model = Transformer.from_checkpoint(tmp_path / "run")
+    model = load(tmp_path / "run")
     assert model.routing_offset == summary["offset"]
 
 
@@ -81,7 +119,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny, tmp_path, monkeypatch, cap
     common = ["--max_iters", "6", "--calibrate", "false"]
     train_stage1.main(args_for(tiny, tmp_path / "a", *common))
     calls = {"n": 0}
-    real_get_batch = train_stage1.get_batch
+    real_get_batch = training.get_batch
 
     def interrupt_at_fourth(*a, **k):
         calls["n"] += 1
@@ -89,12 +127,12 @@ def test_resume_reproduces_an_uninterrupted_run(tiny, tmp_path, monkeypatch, cap
             raise KeyboardInterrupt
         return real_get_batch(*a, **k)
 
-    monkeypatch.setattr(train_stage1, "get_batch", interrupt_at_fourth)
+    monkeypatch.setattr(training, "get_batch", interrupt_at_fourth)
     with pytest.raises(SystemExit) as e:
         train_stage1.main(args_for(tiny, tmp_path / "b", *common))
     assert e.value.code == 130
     assert json.loads((tmp_path / "b" / "config.json").read_text())["iter"] == 3
-    monkeypatch.setattr(train_stage1, "get_batch", real_get_batch)
+    monkeypatch.setattr(training, "get_batch", real_get_batch)
     train_stage1.main(args_for(tiny, tmp_path / "b", *common, "--resume", "true"))
     la = [r for r in map(json.loads, (tmp_path / "a" / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
     lb = [r for r in map(json.loads, (tmp_path / "b" / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
@@ -169,9 +207,9 @@ def test_joint_run_trains_lora_and_routers_and_loads_back(tiny, tmp_path, capsys
     assert cfg["lora"]["r"] == 4 and (tmp_path / "run" / "lora.safetensors").exists()
     adapters = load_file(tmp_path / "run" / "lora.safetensors")
     assert any(k.endswith("lora_B") and v.abs().max() > 0 for k, v in adapters.items())  # B left zero: LoRA trained
-    model = Transformer.from_checkpoint(tmp_path / "run")
+    model = load(tmp_path / "run")
     assert model.router_cfg is not None and any(n.endswith("lora_A") for n, _ in model.named_parameters())
-    dense = Transformer.from_checkpoint(base)
+    dense = load(base)
     x = torch.randint(0, 256, (1, 16))
     import lora
     with torch.no_grad(), lora.disabled(model):  # LoRA off and no routing: exactly the base model
@@ -189,8 +227,143 @@ def test_gate_estimators(tiny, tmp_path, estimator):
     train_stage1.main(args_for(tiny, tmp_path / "run", "--max_iters", "2", "--calibrate", "false",
                                "--gate_estimator", estimator))
     after = load_file(tmp_path / "run" / "routers.safetensors")
-    cfg = Transformer.from_checkpoint(tmp_path / "run").router_cfg
+    cfg = load(tmp_path / "run").router_cfg
     torch.manual_seed(1337)  # the run's seed: the routers it started from
-    fresh = Transformer.from_checkpoint(tiny[0]).add_routers(cfg)
+    fresh = load(tiny[0]).add_routers(cfg)
     moved = any(not torch.equal(v, fresh.state_dict()[k]) for k, v in after.items())
     assert moved == (estimator == "soft")
+
+
+# ---- DDP: one global budget ------------------------------------------------------------------------
+
+def _router_gradients(rank, model_dir, x, y, noise, world, init_file, out_file):
+    """Process `rank` of `world`: the stage-1 loss and router gradient on its share of the rows of x,
+    with its rows of the given Gumbel noise (one tensor per router call, in call order)."""
+    import router
+    torch.set_num_threads(1)
+    if world > 1:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    calls, real_noise = iter(noise), router.gumbel_noise
+    router.gumbel_noise = lambda logits: next(calls)[rows]      # each process: its rows of the same noise
+    try:
+        _loss_and_gradients(model_dir, x[rows], y[rows], rank, world, out_file)
+    finally:
+        router.gumbel_noise = real_noise
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def _loss_and_gradients(model_dir, x, y, rank, world, out_file):
+    from common import all_reduce_mean
+    from training import average_gradients
+    s = train_stage1.Settings(protect_first=0, target_sparsity=0.3, sparsity_warmup=0.0, max_iters=10)
+    model = load(model_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(0)
+    model.add_routers(s.router_config()).train()
+    params = [p for n, p in model.named_parameters() if "_router." in n]
+    all_reduce = (lambda t: all_reduce_mean(t, world)) if world > 1 else None
+    loss, info = train_stage1.Stage().loss(model, x, y, 5, s, contextlib.nullcontext(), all_reduce)
+    loss.backward()
+    if world > 1:
+        average_gradients(params, world)
+    if rank == 0:
+        torch.save({"grads": [p.grad for p in params], "sparsity": info["sparsity"]}, out_file)
+
+
+def test_ddp_sparsity_is_global_and_gradients_equal_one_process_on_the_union(tiny, tmp_path):
+    """Two gloo processes with the same Gumbel noise give the router gradient (and the sparsity) of
+    one process on the union of their batches: s is all-reduced before the sparsity loss."""
+    base, _ = tiny
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, 256, (4, 24), generator=g), torch.randint(0, 256, (4, 24), generator=g)
+    n_routers = 2 * 4                                              # tiny: 4 blocks, none protected
+    noise = [-torch.empty(4, 24, 2).exponential_(generator=g).log() for _ in range(n_routers)]
+    _router_gradients(0, base, x, y, noise, 1, None, tmp_path / "one.pt")
+    torch.multiprocessing.spawn(_router_gradients, args=(base, x, y, noise, 2, tmp_path / "init", tmp_path / "two.pt"),
+                                nprocs=2, join=True)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert two["sparsity"] == pytest.approx(one["sparsity"], abs=1e-6)
+    # the two halves skip differently, so without the all-reduce the sparsity term would differ
+    assert any(g1.abs().max() > 0 for g1 in one["grads"])
+    for g1, g2 in zip(one["grads"], two["grads"]):
+        torch.testing.assert_close(g2, g1, atol=1e-6, rtol=1e-4)
+
+
+# ---- resume, formats, damaged files ----------------------------------------------------------------
+
+@pytest.mark.parametrize("flags", [["--router_norm", "false"], ["--recipe", "paper"], ["--router_kind", "mlp"],
+                                   ["--mlp_input", "post_attn"], ["--kv", "evict"]], ids=" ".join)
+def test_resume_of_a_run_with_non_default_router_settings(tiny, tmp_path, flags, capsys):
+    """The run's own settings are restored before its routers are built: no flag needs repeating."""
+    train_stage1.main(args_for(tiny, tmp_path / "run", "--max_iters", "2", "--calibrate", "false", *flags))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    summary = run(args_for(tiny, tmp_path / "run", "--max_iters", "3", "--resume", "true"), capsys)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["iter"] == 3 and cfg["router"] == saved["router"] and summary["recipe"] == saved["settings"]["recipe"]
+    with pytest.raises(UserError, match="router flags given differ"):  # a router flag given again, but changed
+        flip = ["--router_norm", "true" if not saved["router"]["normalize"] else "false"]
+        train_stage1.main(args_for(tiny, tmp_path / "run", "--max_iters", "4", "--resume", "true", *flip))
+
+
+def test_paper_recipe_is_the_papers_text_and_reports_sampled_gates(tiny, tmp_path, capsys):
+    summary = run(args_for(tiny, tmp_path / "run", "--max_iters", "2", "--recipe", "paper"), capsys)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["router"]["mlp_input"] == "post_attn" and not cfg["router"]["normalize"]
+    assert cfg["router"]["protect_first"] == 0 and cfg["settings"]["lr_schedule"] == "constant"
+    assert cfg["settings"]["weighting"] == "modules" and not cfg["settings"]["distill"]
+    assert {"val_loss_sampled", "val_loss_routed"} <= set(summary)
+    assert summary["val_loss_sampled"] != summary["val_loss_routed"]  # the sampled gates differ from the hard ones
+
+
+def test_a_run_of_an_older_format_is_refused_with_how_to_redo_it(tiny, tmp_path):
+    train_stage1.main(args_for(tiny, tmp_path / "run", "--max_iters", "1", "--calibrate", "false"))
+    cfg_file = tmp_path / "run" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    del cfg["version"]  # what every run before format version 2 looked like
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="format version 1.*train_stage1.py --out_dir .* --overwrite true"):
+        load(tmp_path / "run")
+    with pytest.raises(UserError, match="format version 1"):
+        train_stage1.main(args_for(tiny, tmp_path / "run", "--max_iters", "2", "--resume", "true"))
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damaged", ["routers.safetensors", "config.json", "base/model.safetensors",
+                                     "base/tokenizer.tiktoken", "base/tokenizer.json", "base/config.json"])
+def test_a_damaged_file_is_one_line_naming_it(tiny, tmp_path, damaged):
+    base, data = tiny
+    import shutil
+    shutil.copytree(base, tmp_path / "base")
+    train_stage1.main(args_for((tmp_path / "base", data), tmp_path / "run", "--max_iters", "1", "--calibrate", "false"))
+    target = tmp_path / (damaged if damaged.startswith("base/") else f"run/{damaged}")
+    truncate(target)
+    p = subprocess.run([sys.executable, "sample.py", "--model", str(tmp_path / "run"), "--prompt", "to be",
+                        "--max_new_tokens", "2"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr
+    assert target.name in p.stderr
+
+
+@pytest.mark.parametrize("damaged", ["ckpt.pt", "routers.safetensors"])
+def test_a_damaged_resume_file_is_one_line(tiny, tmp_path, damaged):
+    train_stage1.main(args_for(tiny, tmp_path / "run", "--max_iters", "1", "--calibrate", "false"))
+    truncate(tmp_path / "run" / damaged)
+    with pytest.raises(UserError, match=damaged.replace(".", r"\.")):
+        train_stage1.main(args_for(tiny, tmp_path / "run", "--max_iters", "2", "--resume", "true"))
+
+
+@pytest.mark.parametrize("damaged", ["train.bin", "val.bin", "meta.json"])
+def test_damaged_token_files_are_one_line(tiny, tmp_path, damaged):
+    base, data = tiny
+    import shutil
+    shutil.copytree(data, tmp_path / "data")
+    truncate(tmp_path / "data" / damaged, keep=0.9)
+    with pytest.raises(UserError, match=f"{damaged.replace('.', '[.]')}.*prepare the data again"):
+        train_stage1.main(args_for((base, tmp_path / "data"), tmp_path / "run", "--max_iters", "1"))

@@ -9,7 +9,6 @@ so validation measures lines the model has never seen rather than neighbours of 
 Each play is one document: [bos] ids <|endoftext|>. Training code calls this through
 assets.ensure_shakespeare, which reruns it when the model's tokenizer differs from the one in meta.json.
 """
-import argparse
 import os
 import re
 import sys
@@ -18,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: find the project modules
 import assets
-from errors import UserError, cli
+from convert import ensure_default_model
+from errors import ArgumentParser, UserError, cli
 from tokenizer import Tokenizer
 
 VAL_PLAYS = ["Hamlet", "Twelfth Night", "The Tempest", "Richard II"]
@@ -55,12 +55,12 @@ def prepare(tokenizer, out_dir=Path(__file__).resolve().parent) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--model", type=Path, default=assets.DEFAULT_MODEL_DIR,
                         help="converted model directory whose tokenizer to use (default: %(default)s)")
     args = parser.parse_args()
     if args.model.resolve() == assets.DEFAULT_MODEL_DIR:
-        assets.ensure_default_model()
+        ensure_default_model()
     prepare(Tokenizer.load(args.model))
 
 

@@ -9,7 +9,6 @@ from the end of the list (files in the order given, directories sorted) until th
 --val_fraction of the characters; with one document, its last --val_fraction (cut at a line break)
 is the validation text.
 """
-import argparse
 import os
 import sys
 import time
@@ -17,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: find the project modules
 import assets
-from errors import UserError, cli
+from convert import ensure_default_model
+from errors import ArgumentParser, UserError, cli
 from tokenizer import Tokenizer
 
 
@@ -84,7 +84,7 @@ def prepare(tokenizer, inputs, out_dir=Path(__file__).resolve().parent, val_frac
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--input", nargs="+", required=True, help="text files and/or directories of text files")
     parser.add_argument("--out_dir", type=Path, default=Path(__file__).resolve().parent,
                         help="where train.bin, val.bin and meta.json go (default: %(default)s)")
@@ -98,7 +98,7 @@ def main():
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if args.model.resolve() == assets.DEFAULT_MODEL_DIR:
-        assets.ensure_default_model()
+        ensure_default_model()
     prepare(Tokenizer.load(args.model), args.input, args.out_dir, args.val_fraction, args.pattern)
 
 

@@ -1,0 +1,251 @@
+"""The one training loop both stages share: settings, the step, accumulation, clipping, logging,
+validation, checkpoints, resume and Ctrl-C.
+
+A stage (train_stage1.py, train_stage2.py) says only what makes it that stage:
+    build(s, device, resume_cfg)  -> the model with what trains attached, and its parameter groups
+    loss(model, x, y, it, s, ctx, all_reduce) -> (loss, {what to log})
+    run_config(model, s)          -> what config.json records about the run besides the shared keys
+    trained(model)                -> {file name: tensors} (routers.safetensors, lora.safetensors)
+    finish(model, s, ...)         -> the final report: calibrate, validate, compare, plot; a summary dict
+Everything else is here, once. A run directory holds config.json (what the run is, including its
+settings and format version), the trained tensors, ckpt.pt (optimizer, RNG states, step: how to
+resume), log.jsonl, curves.png and summary.json.
+
+Resuming restores the run's own settings before anything is built (a flag given again on the
+command line wins), then the trained tensors, the optimizer and the random states as they were
+after the last whole step, so a resumed run draws the same batches and noise as one that never
+stopped. Ctrl-C saves that state and exits with status 130.
+"""
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import plots
+from checkpoint import (RUN_VERSION, atomic_save_tensors, atomic_torch_save, atomic_write_text, base_reference,
+                        check_run_version, read_config, read_resume_state, read_tensors)
+from common import (JsonlLog, VAL_WINDOWS, all_reduce_mean, ensure_data, evaluate, get_batch, load_split, lr_at,
+                    model_flops_per_token, prepare_out_dir, rng_state, set_rng_state, setting, setup_ddp, setup_device, val_windows)
+from errors import UserError
+from router import Routing
+
+
+@dataclass
+class TrainSettings:
+    """What every training run has; a stage's Settings add its own fields and may change defaults."""
+    # -- what and where
+    out_dir: str = setting("out/run", "run directory (trained weights, settings, log, figures)")
+    data_dir: str = setting("data/shakespeare", "directory with train.bin / val.bin / meta.json")
+    resume: bool = setting(False, "continue the run in out_dir from its last checkpoint")
+    overwrite: bool = setting(False, "replace an existing run in out_dir")
+    # -- optimization
+    max_iters: int = setting(100, "optimizer steps")
+    batch_size: int = setting(4, "sequences per micro-batch")
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step (per process)")
+    block_size: int = setting(128, "tokens per training sequence")
+    learning_rate: float = setting(2e-3, "AdamW learning rate")
+    lr_schedule: str = setting("constant", "constant | cosine (with a linear warmup)")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    grad_clip: float = setting(1.0, "clip the gradient norm of what trains (0 = off)")
+    # -- evaluation and logging
+    eval_interval: int = setting(50, "validate every N steps (and at the end)")
+    eval_iters: int = setting(12, f"validation windows used by periodic validation (the final one uses all {VAL_WINDOWS})")
+    log_interval: int = setting(1, "log a training step every N steps")
+    # -- system
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = setting("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
+    seed: int = setting(1337, "random seed (batches, initialization, Gumbel noise, dropout)")
+    threads: int = setting(0, "CPU threads for torch (0 = torch's default)")
+
+    def __post_init__(self):
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise UserError(f"--lr_schedule must be one of constant, cosine, got {self.lr_schedule!r}")
+        for name in ("max_iters", "batch_size", "gradient_accumulation_steps", "block_size", "eval_interval",
+                     "eval_iters", "log_interval"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+
+    def warmup_steps(self):
+        return 0
+
+
+def check_choices(s, choices):
+    """choices: [(field, allowed values)]: one line naming the flag when a value is not allowed."""
+    for name, allowed in choices:
+        if getattr(s, name) not in allowed:
+            raise UserError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(s, name)!r}")
+
+
+def restore_settings(s, saved, explicit):
+    """The run's saved settings, except those given again on the command line."""
+    known = {f.name for f in dataclasses.fields(s)}
+    return dataclasses.replace(s, **{k: v for k, v in saved.items()
+                                     if k in known and k not in explicit and k not in ("resume", "overwrite")})
+
+
+def save_run(out_dir, stage, model, s, step, optimizer, rngs, final=False):
+    """config.json + the trained tensors (what the run is) and ckpt.pt (how to resume it), atomically.
+
+    rngs: (torch RNG state, batch generator state) as they were after step `step`.
+    """
+    for name, tensors in stage.trained(model).items():
+        atomic_save_tensors(tensors, out_dir / name)
+    atomic_torch_save({"iter": step, "optimizer": optimizer.state_dict(), "rng": rngs[0], "batch_rng": rngs[1]},
+                      out_dir / "ckpt.pt")
+    cfg = {"format": stage.FORMAT, "version": RUN_VERSION, "base": base_reference(model), **stage.run_config(model, s),
+           "iter": step, "finished": final, "settings": dataclasses.asdict(s)}
+    atomic_write_text(out_dir / "config.json", json.dumps(cfg, indent=2))
+
+
+def average_gradients(params, world):
+    """DDP by hand: what trains is small (routers, LoRA), so average its gradients over the processes
+    directly, no wrapper. With the sparsity averaged too (stage.loss's all_reduce), the result is the
+    gradient of the loss on the union of the processes' batches."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        all_reduce_mean(p.grad, world)
+
+
+def val_routing(model):
+    """Validation always routes deterministically, at the model's offset (none for a dense model)."""
+    if model.router_cfg is None:
+        return None
+    return lambda: Routing(mode="hard", offset=model.routing_offset)
+
+
+def train(stage, s, explicit):
+    """Run a stage: set up, train, checkpoint, and hand over to stage.finish for the report."""
+    rank, world, local = setup_ddp()
+    master = rank == 0
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    device, dtype, ctx = setup_device(s.device if world == 1 or s.device != "auto" or not torch.cuda.is_available()
+                                      else f"cuda:{local}", s.dtype)
+    out_dir = Path(s.out_dir)
+    resume_cfg = None
+    if s.resume:  # the run's own settings first: everything below is built from them
+        resume_cfg = read_config(out_dir) if (out_dir / "ckpt.pt").exists() else None
+        if resume_cfg is None:
+            raise UserError(f"--resume: no run to resume in {out_dir} (no ckpt.pt)")
+        check_run_version(out_dir, resume_cfg)
+        if resume_cfg.get("format") != stage.FORMAT:
+            raise UserError(f"--resume: {out_dir} holds a {resume_cfg.get('format')} run, not a {stage.FORMAT} run")
+        s = restore_settings(s, resume_cfg["settings"], explicit)
+    if master:
+        prepare_out_dir(out_dir, s.resume, s.overwrite, stage.NAME.replace(" ", "-"))
+    if world > 1:
+        torch.distributed.barrier()
+
+    # -- model: what the stage trains, attached to its frozen base
+    model, groups, start = stage.build(s, device, resume_cfg)
+    trainable = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "lr_scale"} for g in groups])
+    lr_scales = [g.get("lr_scale", 1.0) for g in groups]
+    torch.manual_seed(s.seed + rank)  # each process draws its own noise and dropout ...
+    gen = torch.Generator().manual_seed(s.seed + rank)  # ... and its own batches
+    start_iter = 0
+    if resume_cfg is not None:
+        for name in stage.trained(model):
+            model.load_state_dict(read_tensors(out_dir / name, device), strict=False)
+        state = read_resume_state(out_dir / "ckpt.pt")
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        gen.set_state(state["batch_rng"])
+        start_iter = state["iter"]
+
+    # -- data
+    data_dir = ensure_data(s.data_dir, model.tokenizer)
+    train_data = load_split(data_dir, "train", model.tokenizer)
+    windows = val_windows(load_split(data_dir, "val", model.tokenizer))
+    log = JsonlLog(out_dir / "log.jsonl", enabled=master)
+    tokens_per_step = s.batch_size * s.block_size * s.gradient_accumulation_steps * world
+    if master:
+        print(f"{stage.NAME}: {start} -> {out_dir} | {sum(p.numel() for p in trainable):,} parameters trainable "
+              f"({stage.describe(model, s)}) | {s.max_iters} steps x {tokens_per_step} tokens | {device} {dtype}"
+              f"{f' x{world}' if world > 1 else ''}")
+        stage.before_training(model, s, windows, ctx, device, log, resumed=resume_cfg is not None)
+
+    def validate(step, n_windows):
+        st = evaluate(model, windows[:n_windows], val_routing(model), ctx=ctx, device=device)
+        log.write(kind="val", iter=step, val_loss=st["loss"],
+                  **{f"val_{k}": st[k] for k in ("param_sparsity", "attn_skip", "mlp_skip", "module_sparsity") if k in st})
+        return st
+
+    all_reduce = (lambda t: all_reduce_mean(t, world)) if world > 1 else None
+
+    # -- the loop
+    model.train()
+    t0, val_time, last = time.time(), 0.0, {}
+    done, done_rngs = start_iter, (rng_state(), gen.get_state())  # the state after the last whole step
+    bar = tqdm(range(start_iter, s.max_iters), initial=start_iter, total=s.max_iters, desc=stage.NAME,
+               disable=not master, dynamic_ncols=True)
+    try:
+        for it in bar:
+            lr = lr_at(it, s.max_iters, s.learning_rate, s.lr_schedule, s.warmup_steps())
+            for group, scale in zip(optimizer.param_groups, lr_scales):
+                group["lr"] = lr * scale
+            stats = []
+            for _ in range(s.gradient_accumulation_steps):
+                x, y = get_batch(train_data, s.batch_size, s.block_size, gen, device)
+                loss, info = stage.loss(model, x, y, it, s, ctx, all_reduce)
+                if loss.requires_grad:  # (stage 1 with --gate_estimator none: nothing trainable is in the graph)
+                    (loss / s.gradient_accumulation_steps).backward()
+                stats.append(info | {"loss": loss.item()})
+            if world > 1:
+                average_gradients(trainable, world)
+            if s.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, s.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done, done_rngs = it + 1, (rng_state(), gen.get_state())
+            last = {k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}
+            bar.set_postfix(stage.postfix(last) | {"lr": f"{lr:.1e}"})
+            if it % s.log_interval == 0:
+                log.write(kind="train", iter=it, lr=lr, time=time.time() - t0, **last)
+            if master and done % s.eval_interval == 0 and done < s.max_iters:
+                t_val = time.time()
+                st = validate(done, s.eval_iters)
+                bar.write(f"step {done}: val loss {st['loss']:.3f}" + (
+                    f", param sparsity {st['param_sparsity']:.3f} (attn {st['attn_skip']:.3f}, mlp {st['mlp_skip']:.3f})"
+                    if "param_sparsity" in st else ""))
+                save_run(out_dir, stage, model, s, done, optimizer, done_rngs)
+                val_time += time.time() - t_val
+    except KeyboardInterrupt:
+        if master:  # an unfinished step is redone on resume: save the state after the last whole step
+            optimizer.zero_grad(set_to_none=True)
+            save_run(out_dir, stage, model, s, done, optimizer, done_rngs)
+            script = "train_stage1.py" if stage.FORMAT == "stage1" else "train_stage2.py"
+            print(f"\ninterrupted after step {done}; saved. Continue with: python {script} --out_dir {out_dir} "
+                  f"--resume true", file=sys.stderr)
+        sys.exit(130)
+    bar.close()
+    train_time = time.time() - t0 - val_time  # training alone: tokens/s without the periodic validation
+    if not master:
+        torch.distributed.destroy_process_group()
+        return None
+    save_run(out_dir, stage, model, s, done, optimizer, done_rngs)
+
+    # -- the stage's report, then the finished run
+    model.eval()
+    summary = stage.finish(model, s, windows, train_data, ctx, device, out_dir, log)
+    save_run(out_dir, stage, model, s, done, optimizer, done_rngs, final=True)
+    log.write(kind="val", iter=s.max_iters, final=True, **summary["final_val"])
+    plots.training_curves(log.read(), out_dir / "curves.png", stage.curves_title(model, s))
+    print(f"figures: {', '.join(str(out_dir / f) for f in ['curves.png'] + summary.pop('figures', []))}")
+    summary.pop("final_val")
+    tok_s = tokens_per_step * (s.max_iters - start_iter) / max(train_time, 1e-9)
+    summary |= {"train_seconds": round(train_time, 1), "train_tokens_per_s": round(tok_s, 1), "out_dir": str(out_dir)}
+    # model math done per second: forward and backward passes of the activations (the stage says how many)
+    achieved = tok_s * model_flops_per_token(model.args, s.block_size) * stage.passes_per_token(s)
+    print(f"training: {train_time:.0f} s, {tok_s:.0f} tokens/s, ~{achieved / 1e9:.1f} GFLOP/s of model math")
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    print(json.dumps(summary))
+    return summary
