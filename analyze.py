@@ -119,7 +119,7 @@ def main(argv=None):
     device, _, ctx = setup_device(a.device, "float32")
     path = Path(a.model) if a.model else next(p for p in (Path("out/stage1"), assets.ROOT / "pretrained/stage1-smollm2-135m")
                                               if (p / "config.json").exists())
-    model = load(path, device=device)
+    model = load(path, device=device).fuse_weights()
     if model.router_cfg is None:
         raise UserError(f"{path} has no routers; give a stage-1 or stage-2 run: --model out/stage1")
     tok = model.tokenizer

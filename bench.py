@@ -33,6 +33,7 @@ from baselines import blocks_for_param_sparsity, remove_blocks
 from checkpoint import load
 from convert import ensure_default_model
 from errors import ArgumentParser, UserError, cli
+from lora import merge_lora
 from router import RouterConfig, Routing, block_params, calibrate_offset, module_params, routing_stats
 
 
@@ -190,6 +191,7 @@ def main(argv=None):
     if not trained:  # random decisions need routers to exist (they cost what trained ones cost)
         model.add_routers(RouterConfig(protect_first=0))
         model.to(dtype)
+    merge_lora(model).fuse_weights()  # inference: LoRA folded in, wq|wk|wv, w1|w3 and the routers one matmul each
     kv = model.router_cfg.kv
     bpp = torch.finfo(dtype).bits // 8
     gen = torch.Generator().manual_seed(a.seed)

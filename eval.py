@@ -342,7 +342,7 @@ def static_baseline(a):
 def build(a, path, base_path, device, ctx):
     """-> (model, label, routing factory or None, info dict). Static baselines start from the dense base."""
     if not static_baseline(a):
-        model = load(path, device=device)
+        model = load(path, device=device).fuse_weights()  # inference: fused matmuls
         label = checkpoint.rel_to_root(path)
         if model.router_cfg is None:
             return model, label, None, {"kind": "dense"}
@@ -371,7 +371,7 @@ def build(a, path, base_path, device, ctx):
                           lambda: Routing(mode="hard", offset=offset), ctx=ctx, device=device)
             matched = {"param_sparsity": st["param_sparsity"], "source": checkpoint.rel_to_root(path)}
             del routed
-    model = load(base_path, device=device)
+    model = load(base_path, device=device).fuse_weights()
     n_attention = a.attention_drop
     if matched is not None and a.attention_drop_match:
         n_attention, matched["on"] = attention_modules_for(model.args, matched["param_sparsity"], a.match_modules)

@@ -127,7 +127,7 @@ def read(path):
 def timed_model(path, offset=None):
     """A converted model or a run, ready to time: LoRA merged in, routed on the fast path at `offset`
     (default: the run's own). -> (model, routing factory or None)"""
-    model = merge_lora(load(path))
+    model = merge_lora(load(path)).fuse_weights()
     if model.router_cfg is None:
         return model, None
     offset = model.routing_offset if offset is None else offset
@@ -137,9 +137,9 @@ def timed_model(path, offset=None):
 def load_for_speed(result, base_path):
     """The model an eval.py result describes (its "model" is the evaluated path), ready to time."""
     if result["kind"] == "shortgpt":
-        return baselines.remove_blocks(load(base_path), result["removed_blocks"]), None
+        return baselines.remove_blocks(load(base_path).fuse_weights(), result["removed_blocks"]), None
     if result["kind"] == "attention_drop":
-        return baselines.drop_attention(load(base_path), result["dropped_attention"]), None
+        return baselines.drop_attention(load(base_path).fuse_weights(), result["dropped_attention"]), None
     return timed_model(resolve(result["model"]), result.get("offset"))
 
 

@@ -116,18 +116,23 @@ def rope_frequencies(args: ModelArgs):
 
 
 def rope_cos_sin(args: ModelArgs, length):
-    """cos, sin tables (length, head_dim) for positions 0..length-1."""
+    """cos and signed sin tables (length, head_dim) for positions 0..length-1.
+
+    Rotate-half layout: pair (i, i + head_dim/2) turns by angle_i. The sine table carries the sign
+    of the rotation, [-sin, +sin], so that apply_rope needs no concatenation.
+    """
     t = torch.arange(length, dtype=torch.float32)
     angles = torch.outer(t, rope_frequencies(args))          # (length, head_dim/2)
-    angles = torch.cat([angles, angles], dim=-1)            # (length, head_dim), rotate-half layout
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    """x (B, heads, T, head_dim); cos/sin broadcastable to it. Rotates pairs (i, i + head_dim/2)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).type_as(x)
+    """x (..., head_dim); cos, signed sin (rope_cos_sin) broadcastable to it.
+
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) for the two halves: roll(x) is (x2, x1).
+    """
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,6 +160,37 @@ class KVCache(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# Inference-only fused weights: several linears that read the same input, laid out as one matrix
+
+def fuse_linears(*linears):
+    """Re-lay the weights (and biases) of linears that read the same input into one contiguous matrix
+    (sum of outs, in). Each linear keeps its own weight, now a view into that matrix: nothing is
+    stored twice, the state dict does not change, and an in-place update (LoRA's merge) updates both.
+    -> (weight, bias or None)."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    bias = torch.cat([m.bias.detach() for m in linears]) if linears[0].bias is not None else None
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(weight[start:start + n], requires_grad=m.weight.requires_grad)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[start:start + n], requires_grad=m.bias.requires_grad)
+        start += n
+    return weight, bias
+
+
+def still_fused(fused, *linears):
+    """Whether `fused` (fuse_linears' result) still computes exactly what the linears do: each is a
+    plain nn.Linear (or a LoRA layer with its update merged) whose weight is still a view of it (a
+    .to(dtype) or a reassignment since would have made new tensors)."""
+    if fused is None:
+        return False
+    base = fused[0].untyped_storage().data_ptr()
+    return all((type(m) is nn.Linear or getattr(m, "merged", False))
+               and m.weight.untyped_storage().data_ptr() == base for m in linears)
+
+
+# ----------------------------------------------------------------------------------------------
 # The two sublayers
 
 class Attention(nn.Module):
@@ -166,6 +202,24 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache = None
+        self.fused = None  # inference only: (wq|wk|wv, None) from fuse_linears (Transformer.fuse_weights)
+
+    def qkv_weights(self):
+        """(wq|wk|wv) as one matrix when fused and in eval mode, else None: the layers run one by one."""
+        ok = not self.training and still_fused(self.fused, self.wq, self.wk, self.wv)
+        return self.fused[0] if ok else None
+
+    def project(self, x, q=True, kv=True):
+        """x (..., dim) -> q (..., nh, hd) and/or k, v (..., nkv, hd), in one matmul when fused."""
+        fused = self.qkv_weights()
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if fused is not None:
+            w = fused if q and kv else (fused[:nq] if q else fused[nq:])
+            parts = F.linear(x, w).split([nq] * q + [nkv, nkv] * kv, dim=-1)
+        else:
+            parts = ([self.wq(x)] if q else []) + ([self.wk(x), self.wv(x)] if kv else [])
+        heads = [self.n_heads] * q + [self.n_kv_heads, self.n_kv_heads] * kv
+        return [p.unflatten(-1, (h, self.head_dim)) for p, h in zip(parts, heads)]
 
     def forward(self, x, cos, sin, start_pos=0, key_keep=None):
         """x (B, T, dim) at positions start_pos..start_pos+T-1; cos/sin (T, head_dim).
@@ -173,9 +227,7 @@ class Attention(nn.Module):
         key_keep (B, T) bool, "evict" semantics only: False marks tokens that write no usable K/V.
         """
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k, v = (t.transpose(1, 2) for t in self.project(x))                     # (B, heads, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v, key_keep_all = self.cache.update(start_pos, k, v, key_keep)
@@ -197,39 +249,39 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
-    def forward_sparse(self, x, execute, cos, sin, start_pos=0, evict=False):
+    def forward_sparse(self, x, execute, rows, per_seq, cos, sin, start_pos=0, evict=False):
         """The fast path: only the tokens that execute attention run it as queries.
 
-        x (B, T, dim) normalized input; execute (B, T) bool. K and V: under "keep" every token
-        computes them (later queries attend to skipped tokens too); under evict only executing
-        tokens do, and a skipped token's cache slot stays masked. Returns (rows, out): rows (N,)
-        indices into the flattened (B*T) tokens that execute, out (N, dim) their output, or None.
+        x (B, T, dim) normalized input; execute (B, T) bool; rows (N,) the indices of the executing
+        tokens in the flattened B*T; per_seq: how many execute in each sequence (host ints). K and V:
+        under "keep" every token computes them (later queries attend to skipped tokens too); under
+        evict only executing tokens do, and a skipped token's cache slot stays masked.
+        Returns out (N, dim), the executing tokens' attention output, or None when N = 0.
         """
         B, T, _ = x.shape
-        rows = execute.view(-1).nonzero().squeeze(1)                               # (N,) in B*T
         if not evict:  # K/V of every token: later queries may attend to it
-            k, v = self._kv(x, cos, sin)                                            # (B, nkv, T, hd) each
+            k, v = (t.transpose(1, 2) for t in self.project(x, q=False))           # (B, nkv, T, hd)
+            k = apply_rope(k, cos, sin)
             if self.cache is not None:
                 k, v, _ = self.cache.update(start_pos, k, v)
         if rows.numel() == 0:
             if evict and self.cache is not None:  # nothing computed; the slots stay masked
                 self.cache.keep[:B, start_pos:start_pos + T] = False
-            return rows, None
+            return None
         b_idx, t_idx = rows // T, rows % T
         xe = x.reshape(B * T, -1).index_select(0, rows)                             # (N, dim): executing rows only
         cos_e, sin_e = cos.index_select(0, t_idx)[:, None], sin.index_select(0, t_idx)[:, None]
-        q = apply_rope(self.wq(xe).view(-1, self.n_heads, self.head_dim), cos_e, sin_e)   # (N, nh, hd)
-        if evict:
-            ke = apply_rope(self.wk(xe).view(-1, self.n_kv_heads, self.head_dim), cos_e, sin_e)  # (N, nkv, hd)
-            ve = self.wv(xe).view(-1, self.n_kv_heads, self.head_dim)
+        if evict:  # Q, K and V of the executing tokens only
+            q, ke, ve = self.project(xe)                                            # (N, heads, hd)
+            ke = apply_rope(ke, cos_e, sin_e)
+        else:
+            q, = self.project(xe, kv=False)                                         # (N, nh, hd)
+        q = apply_rope(q, cos_e, sin_e)
+        n_q = max(per_seq)
         if B == 1:  # one sequence: its executing tokens are already packed, in order
-            n_q = rows.numel()
             slot = torch.arange(n_q, device=x.device)
         else:  # pack each sequence's executing tokens to the left: slot = rank among them
             slot = (execute.cumsum(1) - 1).view(-1).index_select(0, rows)
-            n_q = int(slot.max()) + 1
-        pos = torch.zeros(B, n_q, dtype=torch.long, device=x.device)               # padded slots: position 0
-        pos[b_idx, slot] = t_idx + start_pos
         q = self._pack(q, b_idx, slot, B, n_q)                                      # (B, nh, n_q, hd)
         if evict and self.cache is None:
             # keys = the executing tokens themselves, packed like the queries: causal over slots
@@ -237,8 +289,7 @@ class Attention(nn.Module):
             if B == 1:
                 mask, causal = None, True
             else:
-                filled = torch.zeros(B, n_q, dtype=torch.bool, device=x.device)
-                filled[b_idx, slot] = True
+                filled = torch.arange(n_q, device=x.device)[None, :] < execute.sum(1, keepdim=True)  # (B, n_q)
                 k_slot = torch.arange(n_q, device=x.device)
                 mask = ((k_slot[None, None, :] <= k_slot[None, :, None]) & filled[:, None, :])[:, None]
                 causal = False
@@ -249,6 +300,8 @@ class Attention(nn.Module):
                 v_full = x.new_zeros(B, T, self.n_kv_heads, self.head_dim)
                 k_full[b_idx, t_idx], v_full[b_idx, t_idx] = ke.to(x.dtype), ve.to(x.dtype)
                 k, v, key_keep = self.cache.update(start_pos, k_full.transpose(1, 2), v_full.transpose(1, 2), execute)
+            pos = torch.zeros(B, n_q, dtype=torch.long, device=x.device)           # padded slots: position 0
+            pos[b_idx, slot] = t_idx + start_pos
             k_pos = torch.arange(k.shape[2], device=x.device)
             mask = k_pos[None, None, :] <= pos[:, :, None]                           # (B, n_q, S): causal by true position
             if key_keep is not None:  # an executing query is itself kept
@@ -258,13 +311,7 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_heads != self.n_kv_heads)  # (B, nh, n_q, hd)
         y = y.transpose(1, 2)                                                        # (B, n_q, nh, hd)
         y = y[0] if B == 1 else y[b_idx, slot]                                       # (N, nh, hd)
-        return rows, self.wo(y.reshape(-1, self.n_heads * self.head_dim))
-
-    def _kv(self, x, cos, sin):
-        B, T, _ = x.shape
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        return apply_rope(k, cos, sin), v
+        return self.wo(y.reshape(-1, self.n_heads * self.head_dim))
 
     @staticmethod
     def _pack(rows, b_idx, slot, B, n):
@@ -284,8 +331,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.fused = None  # inference only: (w1|w3, None) from fuse_linears (Transformer.fuse_weights)
 
     def forward(self, x):
+        if not self.training and still_fused(self.fused, self.w1, self.w3):  # one matmul for w1 and w3
+            gate, up = F.linear(x, self.fused[0]).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -303,6 +354,7 @@ class TransformerBlock(nn.Module):
         self.attention_router = None  # Router modules, added by Transformer.add_routers()
         self.ffn_router = None
         self.router_cfg = None
+        self.router_fused = None      # inference only: both routers' (weight, bias) in one, fuse_linears
 
     def forward(self, x, cos, sin, start_pos=0, routing: Routing | None = None):
         """x (B, T, dim) -> (out (B, T, dim), gates (2, B, T) [attention, MLP] or None when not routed)."""
@@ -321,56 +373,84 @@ class TransformerBlock(nn.Module):
         """Same result as forward(), but skipped sublayers do not run (inference, stage 2).
 
         Each sublayer runs on the gathered (batch, time) rows that execute it, and its output is
-        added back into those rows of the residual stream. One host sync per sublayer (the count).
+        added back into those rows of the residual stream. When the MLP router reads the block input,
+        both decisions of the block come from one router matmul and reach the host in one sync (the
+        counts), which also sizes every gather: no further sync.
         """
-        g_attn = self._gate(self.attention_router, x, routing, 0, start_pos)              # (B, T)
-        g_mlp = None
-        if self.router_cfg.mlp_input == "block":  # decided from x: known before attention runs
-            g_mlp = self._gate(self.ffn_router, x, routing, 1, start_pos)
-        if x.shape[0] * x.shape[1] == 1 and g_mlp is not None:
-            return self._decode_one(x, cos, sin, start_pos, g_attn, g_mlp)
-        execute = g_attn > 0.5
-        evict = self.router_cfg.kv == "evict"
-        xn = self.attention_norm(x)
         B, T, D = x.shape
-        if not evict and bool(execute.all()):
-            h = x + self.attention(xn, cos, sin, start_pos)          # everyone executes: the dense path
+        if self.router_cfg.mlp_input == "block":  # decided from x: both known before attention runs
+            gates = self._gate_pair(x, routing, start_pos)                         # (2, B, T)
+            counts = gates.sum(-1).tolist()                                         # [[attn per seq], [mlp per seq]]
+            if B * T == 1:
+                return self._decode_one(x, cos, sin, start_pos, gates, counts[0][0], counts[1][0])
+            g_attn = gates[0]
         else:
-            rows, out = self.attention.forward_sparse(xn, execute, cos, sin, start_pos, evict)
-            h = x if out is None else x.reshape(B * T, D).index_add(0, rows, out.to(x.dtype)).view(B, T, D)
-        if g_mlp is None:
+            g_attn = self._gate(self.attention_router, x, routing, 0, start_pos)   # (B, T)
+            counts = [g_attn.sum(-1).tolist()]
+        h = self._attention_fast(x, g_attn, [int(c) for c in counts[0]], cos, sin, start_pos)
+        if self.router_cfg.mlp_input == "block":
+            g_mlp = gates[1]
+        else:
             g_mlp = self._gate(self.ffn_router, h, routing, 1, start_pos)
-        rows = (g_mlp > 0.5).view(-1).nonzero().squeeze(1)                           # (N,) in B*T
-        if rows.numel() == B * T:
+            counts.append(g_mlp.sum(-1).tolist())
+        n_mlp = int(sum(counts[1]))
+        if n_mlp == B * T:
             out = h + self.feed_forward(self.ffn_norm(h))
-        elif rows.numel() == 0:
+        elif n_mlp == 0:
             out = h
         else:
+            rows = torch.nonzero_static(g_mlp.view(-1), size=n_mlp).squeeze(1)      # (N,) in B*T
             flat = h.reshape(B * T, D)
             out = flat.index_add(0, rows, self.feed_forward(self.ffn_norm(flat.index_select(0, rows))).to(h.dtype))
             out = out.view(B, T, D)
         return out, torch.stack([g_attn, g_mlp])
 
-    def _decode_one(self, x, cos, sin, start_pos, g_attn, g_mlp):
+    def _attention_fast(self, x, g_attn, per_seq, cos, sin, start_pos):
+        """x + attention on the tokens that execute it; per_seq: executing tokens per sequence."""
+        B, T, D = x.shape
+        evict = self.router_cfg.kv == "evict"
+        xn = self.attention_norm(x)
+        n = sum(per_seq)
+        if n == B * T:  # everyone executes: the dense path (under evict, every key is kept)
+            return x + self.attention(xn, cos, sin, start_pos, g_attn > 0.5 if evict else None)
+        rows = torch.nonzero_static(g_attn.view(-1), size=n).squeeze(1)             # (N,) in B*T
+        out = self.attention.forward_sparse(xn, g_attn > 0.5, rows, per_seq, cos, sin, start_pos, evict)
+        return x if out is None else x.reshape(B * T, D).index_add(0, rows, out.to(x.dtype)).view(B, T, D)
+
+    def _decode_one(self, x, cos, sin, start_pos, gates, attn_on, mlp_on):
         """One token (batch-1 decoding): a plain branch per sublayer, no gathering at all.
 
         A skipped attention still writes the token's K and V to the cache under "keep", and
         nothing under evict (its slot is masked); a skipped MLP costs nothing.
         """
-        attn_on, mlp_on = torch.cat([g_attn, g_mlp]).view(-1).tolist()  # one host sync for both
-        xn = self.attention_norm(x)
+        evict = self.router_cfg.kv == "evict"
         if attn_on:
-            h = x + self.attention(xn, cos, sin, start_pos, g_attn > 0.5 if self.router_cfg.kv == "evict" else None)
-        else:
-            self.attention.forward_sparse(xn, g_attn > 0.5, cos, sin, start_pos, self.router_cfg.kv == "evict")
+            h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, gates[0] > 0.5 if evict else None)
+        elif evict:
+            self.attention.cache.keep[:1, start_pos] = False
+            h = x
+        else:  # K/V only
+            self.attention.forward_sparse(self.attention_norm(x), gates[0] > 0.5, x.new_zeros(0, dtype=torch.long),
+                                          [0], cos, sin, start_pos)
             h = x
         out = h + self.feed_forward(self.ffn_norm(h)) if mlp_on else h
-        return out, torch.stack([g_attn, g_mlp])
+        return out, gates
 
     def _gate(self, router, x, routing, module, start_pos=0):
         if self.layer_id < self.router_cfg.protect_first:  # always executes: no decision, no gradient
             return torch.ones(x.shape[:2], device=x.device)
         return routing.gate(router(x), self.layer_id, module, start_pos)
+
+    def _gate_pair(self, x, routing, start_pos=0):
+        """Both gates of the block from the block input x: (2, B, T). One matmul when the routers are fused."""
+        if self.layer_id < self.router_cfg.protect_first:
+            return torch.ones(2, *x.shape[:2], device=x.device)
+        routers = (self.attention_router.proj, self.ffn_router.proj)
+        if not self.training and still_fused(self.router_fused, *routers):
+            logits = F.linear(self.attention_router.prepare(x), *self.router_fused)  # (B, T, 4)
+            return routing.gate_pair(logits, self.layer_id, start_pos)
+        return torch.stack([routing.gate(self.attention_router(x), self.layer_id, 0, start_pos),
+                            routing.gate(self.ffn_router(x), self.layer_id, 1, start_pos)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,6 +481,21 @@ class Transformer(nn.Module):
             layer.attention_router = Router(self.args.dim, cfg).to(device)
             layer.ffn_router = Router(self.args.dim, cfg).to(device)
             layer.router_cfg = cfg
+        return self
+
+    def fuse_weights(self):
+        """For inference (generation, evaluation, bench): lay wq|wk|wv, w1|w3 and, where both routers
+        read the block input, the two linear routers of every block out as one matrix each, so that
+        one matmul does the work of several. The layers keep their weights (views into the fused
+        matrices: no extra memory, the same state dict). Training never uses them (train mode), nor
+        does a layer with an unmerged LoRA adapter; a later .to(dtype) or reassigned weight turns
+        them off (still_fused). Call it after moving the model to its device and dtype."""
+        for layer in self.layers:
+            layer.attention.fused = fuse_linears(layer.attention.wq, layer.attention.wk, layer.attention.wv)
+            layer.feed_forward.fused = fuse_linears(layer.feed_forward.w1, layer.feed_forward.w3)
+            cfg = self.router_cfg
+            if cfg is not None and cfg.kind == "linear" and cfg.mlp_input == "block":
+                layer.router_fused = fuse_linears(layer.attention_router.proj, layer.ffn_router.proj)
         return self
 
     def router_state_dict(self):

@@ -64,10 +64,15 @@ class Router(nn.Module):
             with torch.no_grad():
                 last.bias.copy_(torch.tensor([2.0, -2.0]))
 
+    def prepare(self, x):
+        """What the router reads: x, RMS-normalized when configured (parameter-free: only the
+        direction of the stream matters)."""
+        if self.normalize:
+            return F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype)
+        return x
+
     def forward(self, x):
-        if self.normalize:  # parameter-free: only the direction of the stream matters
-            x = F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype)
-        return self.proj(x)
+        return self.proj(self.prepare(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,6 +144,13 @@ class Routing:
             with torch.no_grad():
                 return gumbel_gate(logits, 1.0)
         return self.force[layer, module][:, start_pos:start_pos + logits.shape[1]].to(logits.device, torch.float32)
+
+    def gate_pair(self, logits, layer, start_pos=0):
+        """Both gates of a block from its two routers' logits side by side, (B, T, 4) -> (2, B, T)."""
+        if self.mode == "hard":  # one comparison for both: [execute, skip] pairs of attention and MLP
+            return hard_gate(logits.unflatten(-1, (2, 2)), self.offset).movedim(-1, 0)
+        return torch.stack([self.gate(logits[..., :2], layer, 0, start_pos),
+                            self.gate(logits[..., 2:], layer, 1, start_pos)])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, still_fused
 from router import (RouterConfig, Routing, block_params, calibrate_offset, gumbel_gate, module_params,
                     routing_stats, sparsity_loss)
 from tiny import tiny_model
@@ -292,3 +292,60 @@ def test_fast_path_gives_the_masked_paths_lora_gradients():
     assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-5)
     for n in grads[0][1]:
         assert torch.allclose(grads[0][1][n], grads[1][1][n], atol=1e-5), n
+
+
+@pytest.mark.parametrize("kv", ["keep", "evict"])
+@pytest.mark.parametrize("mlp_input", ["block", "post_attn"])
+def test_fused_inference_weights_change_nothing(kv, mlp_input):
+    """fuse_weights (wq|wk|wv, w1|w3 and the two routers as one matmul each) gives the same logits and
+    gates as the layers one by one: dense and routed, prefill and cached decoding. The weights stay
+    views of the fused matrices, so the state dict is unchanged."""
+    model = decisive_routers(routed_model(kv=kv, mlp_input=mlp_input))
+    ref = routed_model(kv=kv, mlp_input=mlp_input)
+    ref.load_state_dict(model.state_dict())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.fuse_weights()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert model.layers[0].attention.qkv_weights() is not None
+    x = torch.randint(0, 101, (2, 18), generator=torch.Generator().manual_seed(2))
+    for routing in (None, Routing(mode="hard", offset=0.5, fast=True), Routing(mode="hard", offset=0.5)):
+        a, _, ga = model(x, routing=routing)
+        b, _, gb = ref(x, routing=routing)
+        assert (a - b).abs().max() < 1e-4
+        assert (ga is None and gb is None) or torch.equal(ga, gb)
+    for fast in (True, False):  # cached decoding, batch 1, token by token after a prefill
+        outs = []
+        for m in (model, ref):
+            m.setup_cache(1, 18)
+            o = [m(x[1:, :10], routing=Routing(mode="hard", offset=0.5, fast=fast))[0]]
+            o += [m(x[1:, t:t + 1], routing=Routing(mode="hard", offset=0.5, fast=fast), start_pos=t)[0] for t in range(10, 18)]
+            m.clear_cache()
+            outs.append(torch.cat(o, 1))
+        assert (outs[0] - outs[1]).abs().max() < 1e-4
+
+
+def test_fused_weights_are_not_used_where_they_would_be_wrong():
+    """In training mode, with an unmerged LoRA adapter, or after the weights were replaced, the layers
+    run one by one; a merged adapter updates the fused matrix in place."""
+    from lora import add_lora, merge_lora
+    model = routed_model().fuse_weights()
+    att = model.layers[1].attention
+    assert att.qkv_weights() is not None
+    model.train()
+    assert att.qkv_weights() is None
+    model.eval()
+    add_lora(model, targets=("wq", "w1"), r=2, alpha=4, dropout=0.0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    assert att.qkv_weights() is None and not still_fused(model.layers[1].feed_forward.fused,
+                                                         model.layers[1].feed_forward.w1, model.layers[1].feed_forward.w3)
+    x = torch.randint(0, 101, (1, 12))
+    unmerged, _, _ = model(x)
+    merge_lora(model)
+    assert att.qkv_weights() is not None  # merged in place: the fused matrix holds the update too
+    merged, _, _ = model(x)
+    assert (merged - unmerged).abs().max() < 1e-4
+    att.wk.weight = torch.nn.Parameter(att.wk.weight.detach().clone())  # replaced: no longer a view
+    assert att.qkv_weights() is None
