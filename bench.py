@@ -27,10 +27,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from baselines import blocks_for_param_sparsity, remove_blocks
-from checkpoint import load
+from checkpoint import load, read_config
+from common import ensure_data, load_split, val_windows
 from convert import ensure_default_model
 from errors import ArgumentParser, UserError, cli
 from lora import merge_lora
@@ -141,11 +143,17 @@ def prefill_speedups(models, tokens, repeats=5, threads=2):
     return {n: (tokens.numel() / statistics.median(times[n]), t_ref / statistics.median(times[n])) for n in names}
 
 
+DEFAULT_SPARSITIES = "0,0.25,0.4,0.5"
+COST_STEPS = 8  # decode steps under the FLOP counter (the counter is slow; FLOPs per token vary little)
+
+
 def parse(argv=None):
     p = ArgumentParser(__doc__)
     p.add_argument("--model", default=None, help="converted model (default: the bundled SmolLM2-135M)")
     p.add_argument("--routers", default=None, help="stage-1/2 run: trained routers instead of random decisions")
-    p.add_argument("--sparsities", default="0,0.25,0.4,0.5", help="parameter sparsities to measure")
+    p.add_argument("--sparsities", default=None,
+                   help=f"parameter sparsities to measure (default: {DEFAULT_SPARSITIES} with random routing; "
+                        f"with --routers, the routers' own offset on held-out text)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per variant (median reported)")
     p.add_argument("--decode_steps", type=int, default=32, help="decoded tokens per decode measurement")
     p.add_argument("--regimes", default="prefill128,prefill512,decode128,decode512,decode128x8",
@@ -156,6 +164,8 @@ def parse(argv=None):
     p.add_argument("--quick", action="store_true", help="small shapes and 2 repeats: a smoke test")
     p.add_argument("--plot", default="out/bench.png", help="PNG of measured vs ideal speedup")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--transformers", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                   help="also time transformers' LlamaForCausalLM on the same weights, where it is installed (default: true)")
     a = p.parse_args(argv)
     if a.quick:
         a.repeats, a.decode_steps, a.regimes = 2, 4, "prefill64,decode64,decode32x4"
@@ -173,6 +183,86 @@ def parse_regime(name):
     raise UserError(f"unknown regime {name!r}: use prefillT, decodeC or decodeCxB")
 
 
+def transformers_twin(model):
+    """transformers' LlamaForCausalLM holding this model's weights, or None where transformers is
+    not installed: what a user would run instead, timed in the same interleaved run."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    from convert import HF_NAMES
+    a = model.args
+    rope = ({"rope_type": "llama3", **a.rope_scaling} if a.rope_scaling else {"rope_type": "default"})
+    cfg = transformers.LlamaConfig(
+        hidden_size=a.dim, num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+        head_dim=a.head_dim, intermediate_size=a.hidden_dim, vocab_size=a.vocab_size, rms_norm_eps=a.norm_eps,
+        max_position_embeddings=a.max_seq_len, tie_word_embeddings=a.tie_embeddings,
+        rope_parameters={"rope_theta": a.rope_theta, **rope})
+    to_hf = {}
+    for hf_name, name in HF_NAMES.items():
+        for i in (range(a.n_layers) if "{}" in name else [None]):
+            to_hf[name.format(i)] = hf_name.format(i)
+    state = {to_hf[k]: v for k, v in model.state_dict().items() if k in to_hf}
+    hf = transformers.LlamaForCausalLM(cfg).to(model.tok_embeddings.weight.dtype)
+    hf.load_state_dict(state, strict=False)
+    if a.tie_embeddings:
+        hf.tie_weights()
+    return hf.to(model.tok_embeddings.weight.device).eval()
+
+
+@torch.no_grad()
+def run_hf_prefill(hf, tokens):
+    hf(tokens, use_cache=False)
+
+
+@torch.no_grad()
+def run_hf_decode(hf, context, steps, device):
+    """transformers' own generation loop by hand: prefill (untimed), then `steps` cached one-token steps."""
+    out = hf(context, use_cache=True)
+    cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = hf(nxt, cache=cache, use_cache=True)
+        cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def decode_weights(model):
+    """The matrices a dense decoding step multiplies by, as the dense path holds them (fused where it
+    fuses), and the head: one pass of one-row matmuls over them is the floor of any plain-PyTorch decoder."""
+    mats = []
+    for layer in model.layers:
+        att, ffn = layer.attention, layer.feed_forward
+        qkv = att.qkv_weights()
+        mats += [qkv] if qkv is not None else [att.wq.weight, att.wk.weight, att.wv.weight]
+        mats += [att.wo.weight]
+        mats += [ffn.fused[0]] if ffn.fused is not None else [ffn.w1.weight, ffn.w3.weight]
+        mats += [ffn.w2.weight]
+    return mats + [model.output.weight]
+
+
+@torch.no_grad()
+def run_floor(mats, steps, device):
+    """`steps` passes of one-row matmuls over `mats`: the time any decoder must spend reading its weights."""
+    rows = {m.shape[1]: torch.randn(1, m.shape[1], dtype=m.dtype, device=m.device) for m in mats}
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        for m in mats:
+            F.linear(rows[m.shape[1]], m)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def held_out_text(run_dir, model, n, length):
+    """n windows of `length` tokens of the held-out text of the data the routers were trained on."""
+    settings = read_config(run_dir).get("settings", {})
+    data_dir = ensure_data(settings.get("data_dir", "data/shakespeare"), model.tokenizer)
+    return val_windows(load_split(data_dir, "val", model.tokenizer), n=n, block=length)[:, :length]
+
+
 def main(argv=None):
     a = parse(argv)
     if a.threads:
@@ -182,7 +272,6 @@ def main(argv=None):
              "float32": torch.float32, "bfloat16": torch.bfloat16}.get(a.dtype)
     if dtype is None:
         raise UserError(f"--dtype must be auto, float32 or bfloat16, got {a.dtype!r}")
-    sparsities = [float(s) for s in a.sparsities.split(",")]
     regimes = [parse_regime(r) for r in a.regimes.split(",")]
     model = load(a.routers or a.model or ensure_default_model(), device=device)
     model = model.to(dtype).eval()
@@ -195,69 +284,95 @@ def main(argv=None):
     kv = model.router_cfg.kv
     bpp = torch.finfo(dtype).bits // 8
     gen = torch.Generator().manual_seed(a.seed)
+    hf = transformers_twin(model) if a.transformers else None
+    floor_mats = decode_weights(model)
+    # trained routers: held-out text at their own offset (or offsets calibrated on that text); random: ids
+    longest = max(r["length"] + (a.decode_steps if r["kind"] == "decode" else 0) for r in regimes)
+    text = held_out_text(a.routers, model, max(r["batch"] for r in regimes), longest).to(device) if trained else None
+    if trained and a.sparsities is None:
+        offsets = {"own": model.routing_offset}
+    else:
+        sparsities = [float(s) for s in (a.sparsities or DEFAULT_SPARSITIES).split(",")]
+        offsets = calibrate_offsets(model, sparsities, text[:2, :256]) if trained else {s: None for s in sparsities}
 
-    print(f"bench: {model.source.get('path')} | {'trained routers ' + a.routers if trained else 'random routing'} | "
+    print(f"bench: {model.source.get('path')} | "
+          f"{'trained routers ' + a.routers + ' on held-out text' if trained else 'random routing on random ids'} | "
           f"{device} {str(dtype).replace('torch.', '')} | {torch.get_num_threads()} threads | "
-          f"{a.repeats} repeats, median", file=sys.stderr)
+          f"{a.repeats} repeats, median{' | transformers ' + __import__('transformers').__version__ if hf else ''}",
+          file=sys.stderr)
 
-    offsets = {}
-    if trained:
-        offsets = calibrate_offsets(model, sparsities, device)
-
-    results = []
+    results, checks = [], {}
     for reg in regimes:
         B, T = reg["batch"], reg["length"]
         steps = a.decode_steps if reg["kind"] == "decode" else 0
-        tokens = torch.randint(0, args.vocab_size, (B, T), generator=gen).to(device)
-        # variants: name -> (model, routing factory, decisions (L, 2, B, T_total) or None)
-        variants = {"dense": (model, lambda: None, None, 0.0)}
-        for s in sparsities:
+        tokens = (text[:B, :T] if trained else torch.randint(0, args.vocab_size, (B, T), generator=gen)).to(device)
+        # variants: name -> (what runs, routing factory, sparsity); what runs: our model, "hf" or "floor"
+        variants = {"dense": (model, lambda: None, 0.0)}
+        for s, off in offsets.items():
             if trained:
-                mk = lambda fast, off=offsets[s]: (lambda: Routing(mode="hard", offset=off, fast=fast))
-                dec = None
+                mk = lambda fast, o=off: (lambda: Routing(mode="hard", offset=o, fast=fast))
             else:
                 dec = random_decisions(args, skip_prob_for(args, s, kv), B, T + steps, gen).to(device)
                 mk = lambda fast, d=dec: (lambda: Routing(mode="force", force=d, fast=fast))
-            variants[f"fast@{s:g}"] = (model, mk(True), dec, s)
-            if s == sparsities[min(1, len(sparsities) - 1)]:  # masked once: it saves nothing at any sparsity
-                variants[f"masked@{s:g}"] = (model, mk(False), dec, s)
-            n = blocks_for_param_sparsity(args.n_layers, s)
-            if n > 0:  # ShortGPT at the nearest block count (which blocks does not change the speed)
-                drop = list(range(args.n_layers // 2 - n // 2, args.n_layers // 2 - n // 2 + n))
-                variants[f"shortgpt@{s:g}"] = (remove_blocks(model, drop), lambda: None, None, n / args.n_layers)
+            variants[f"fast@{s}"] = (model, mk(True), s)
+            if s == list(offsets)[min(1, len(offsets) - 1)]:  # masked once: it saves nothing at any sparsity
+                variants[f"masked@{s}"] = (model, mk(False), s)
+                if reg["kind"] == "prefill":  # the same decisions on both paths give the same logits
+                    with torch.no_grad():
+                        diff = (model(tokens, routing=mk(True)())[0].float() - model(tokens, routing=mk(False)())[0].float())
+                    checks[f"{reg['name']} fast vs masked max |logit diff|"] = diff.abs().max().item()
+            if not trained:
+                n = blocks_for_param_sparsity(args.n_layers, s)
+                if n > 0:  # ShortGPT at the nearest block count (which blocks does not change the speed)
+                    drop = list(range(args.n_layers // 2 - n // 2, args.n_layers // 2 - n // 2 + n))
+                    variants[f"shortgpt@{s}"] = (remove_blocks(model, drop), lambda: None, n / args.n_layers)
+        if hf is not None:
+            variants["transformers"] = ("hf", None, 0.0)
+        if reg["kind"] == "decode" and B == 1:
+            variants["floor"] = ("floor", None, 0.0)
 
         times = {name: [] for name in variants}
         names = list(variants)
         for rep in range(a.repeats + 1):  # repetition 0 warms up
-            order = names[rep % len(names):] + names[:rep % len(names)]
-            for name in order:
-                m, routing_fn, _, _ = variants[name]
-                if reg["kind"] == "prefill":
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                m, routing_fn, _ = variants[name]
+                if m == "floor":
+                    dt = run_floor(floor_mats, steps, device)
+                elif reg["kind"] == "prefill":
                     sync(device)
                     t0 = time.perf_counter()
-                    run_prefill(m, tokens, routing_fn)
+                    run_hf_prefill(hf, tokens) if m == "hf" else run_prefill(m, tokens, routing_fn)
                     sync(device)
                     dt = time.perf_counter() - t0
                 else:
-                    dt = run_decode(m, tokens, steps, routing_fn, device)
+                    dt = run_hf_decode(hf, tokens, steps, device) if m == "hf" else run_decode(m, tokens, steps, routing_fn, device)
                 if rep > 0:
                     times[name].append(dt)
         n_tok = B * T if reg["kind"] == "prefill" else B * steps
         t_dense = statistics.median(times["dense"]) / n_tok
-        for name, (m, routing_fn, dec, s) in variants.items():
+        for name, (m, routing_fn, s) in variants.items():
             t = statistics.median(times[name]) / n_tok
-            row = measure_costs(reg, name, m, routing_fn, tokens, steps, device, bpp, kv, variants["dense"][0])
-            row.update(variant=name.split("@")[0], regime=reg["name"], sparsity=s,
-                       tokens_per_s=1 / t, speedup=t_dense / t)
-            ideal = row["ideal_speedup"]
-            row["efficiency"] = (t_dense - t) / (t_dense - t_dense / ideal) if ideal > 1.0001 else float("nan")
+            row = {"variant": name.split("@")[0], "regime": reg["name"], "sparsity": s, "tokens_per_s": 1 / t,
+                   "speedup": t_dense / t}
+            if isinstance(m, str):  # transformers, or the floor: no FLOP accounting of ours
+                row |= {"ideal_speedup": float("nan"), "efficiency": float("nan")}
+            else:
+                row |= measure_costs(reg, name, m, routing_fn, tokens, min(steps, COST_STEPS), device, bpp, kv, model)
+                if s == "own":
+                    row["sparsity"] = 1 - row["executed_param_fraction"]
+                ideal = row["ideal_speedup"]
+                row["efficiency"] = (t_dense - t) / (t_dense - t_dense / ideal) if ideal > 1.0001 else float("nan")
             results.append(row)
+        if "floor" in variants:
+            checks[f"{reg['name']} dense / floor"] = statistics.median(times["dense"]) / statistics.median(times["floor"])
         print_table([r for r in results if r["regime"] == reg["name"]])
 
+    for name, value in checks.items():
+        print(f"{name}: {value:.4g}", file=sys.stderr)
     if a.plot:
         plot(results, a.plot)
         print(f"figure: {a.plot}", file=sys.stderr)
-    summary = {"results": results, "device": device, "dtype": str(dtype).replace("torch.", ""),
+    summary = {"results": results, "checks": checks, "device": device, "dtype": str(dtype).replace("torch.", ""),
                "threads": torch.get_num_threads(), "repeats": a.repeats, "routers": a.routers,
                "model": model.source.get("path")}
     for r in results:  # JSON has no NaN: an undefined efficiency (no ideal saving) becomes null
@@ -320,36 +435,41 @@ def _costs(reg, variant, args, exec_attn, exec_mlp, read_attn, read_mlp, n_q, n_
                                 [1.0] * dense_model.args.n_layers, bpp, routers=False)
     wa, wm = module_params(args, kv)
     executed = sum(wa * a + wm * b for a, b in zip(fa, fm)) + (block_params(args) - wa - wm) * L
+    # batch-1 decoding reads every weight for one token: bound by weight bytes; prefill and batched
+    # decoding do enough arithmetic per weight to be bound by FLOPs
+    decode_one = reg["kind"] == "decode" and B == 1
     kv_bytes = 2 * L * args.n_kv_heads * args.head_dim * (T + steps) * B * bpp
     return {"flops_per_token": flops, "flops_counted_per_token": counter.get_total_flops() / n_tok,
             "executed_param_fraction": executed / (block_params(dense_model.args) * dense_model.args.n_layers),
             "weight_bytes_per_step": wbytes, "kv_cache_bytes": kv_bytes,
             "kv_bytes_needed": kv_bytes * (statistics.mean(exec_attn) if kv == "evict" and variant == "fast" else 1),
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
-            "ideal_basis": "flops" if reg["kind"] == "prefill" else "weight_bytes",
-            "ideal_speedup": dense_flops / flops if reg["kind"] == "prefill" else dense_wbytes / wbytes}
+            "ideal_basis": "weight_bytes" if decode_one else "flops",
+            "ideal_speedup": dense_wbytes / wbytes if decode_one else dense_flops / flops}
 
 
-def calibrate_offsets(model, sparsities, device):
-    """Offsets that make the trained routers skip each requested parameter sparsity (random text)."""
-    windows = torch.randint(0, model.args.vocab_size, (2, 128), generator=torch.Generator().manual_seed(1)).to(device)
+def calibrate_offsets(model, sparsities, windows):
+    """Offsets that make the trained routers skip each requested parameter sparsity on windows (B, T)."""
 
     @torch.no_grad()
     def measure(offset):
-        _, _, gates = model(windows, routing=Routing(mode="hard", offset=offset, fast=True))
+        _, _, gates = model(windows, routing=Routing(mode="hard", offset=offset, fast=True))  # (random ids or text)
         return routing_stats(gates, model.args, model.router_cfg.kv)["param_sparsity"]
     return {s: calibrate_offset(measure, s, -10, 10, 14) for s in sparsities}
 
 
 def print_table(rows):
-    print(f"\n{'regime':<12} {'variant':<9} {'sparsity':>8} {'tok/s':>9} {'speedup':>8} {'ideal':>7} "
+    print(f"\n{'regime':<12} {'variant':<12} {'sparsity':>8} {'tok/s':>9} {'speedup':>8} {'ideal':>7} "
           f"{'effic.':>7} {'GFLOP/tok':>10} {'counted':>8} {'params':>7} {'MB/step':>8}")
     for r in rows:
         eff = "" if math.isnan(r["efficiency"]) else f"{r['efficiency']:.0%}"
-        print(f"{r['regime']:<12} {r['variant']:<9} {r['sparsity']:>8.2f} {r['tokens_per_s']:>9.1f} "
-              f"{r['speedup']:>7.2f}x {r['ideal_speedup']:>6.2f}x {eff:>7} {r['flops_per_token'] / 1e9:>10.3f} "
-              f"{r['flops_counted_per_token'] / 1e9:>8.3f} {r['executed_param_fraction']:>7.2f} "
-              f"{r['weight_bytes_per_step'] / 1e6:>8.1f}")
+        line = (f"{r['regime']:<12} {r['variant']:<12} {r['sparsity']:>8.2f} {r['tokens_per_s']:>9.1f} "
+                f"{r['speedup']:>7.2f}x")
+        if "flops_per_token" in r:
+            line += (f" {r['ideal_speedup']:>6.2f}x {eff:>7} {r['flops_per_token'] / 1e9:>10.3f} "
+                     f"{r['flops_counted_per_token'] / 1e9:>8.3f} {r['executed_param_fraction']:>7.2f} "
+                     f"{r['weight_bytes_per_step'] / 1e6:>8.1f}")
+        print(line)
 
 
 def plot(results, path):

@@ -13,12 +13,16 @@ def test_bench_quick_on_a_tiny_model(tmp_path, capsys):
                 "--sparsities", "0,0.25,0.5"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = out["results"]
-    assert {r["variant"] for r in rows} == {"dense", "fast", "masked", "shortgpt"}
+    assert {r["variant"] for r in rows} == {"dense", "fast", "masked", "shortgpt", "transformers", "floor"}
+    assert out["checks"]["prefill64 fast vs masked max |logit diff|"] < 1e-4  # the same decisions, the same logits
+    assert out["checks"]["decode64 dense / floor"] > 0
     assert (tmp_path / "b.png").exists()
     for r in rows:
-        for key in ("variant", "regime", "sparsity", "tokens_per_s", "speedup", "ideal_speedup", "efficiency",
-                    "flops_per_token"):
-            assert key in r
+        keys = ("variant", "regime", "sparsity", "tokens_per_s", "speedup", "ideal_speedup", "efficiency")
+        assert all(key in r for key in keys)
+        if r["variant"] in ("transformers", "floor"):
+            continue
+        assert "flops_per_token" in r
         if r["regime"].startswith("prefill") or r["regime"] in ("decode64",):
             # batch 1: the counter sees exactly the work the analytic formula describes
             assert r["flops_counted_per_token"] == pytest.approx(r["flops_per_token"], rel=1e-3), r
@@ -53,3 +57,33 @@ def test_evict_accounting_matches_the_counted_flops():
     evict = bench.analytic_flops(model.args, [0.6] * 4, [0.6] * 4, 48, 48, kv_mode="evict")
     kv_dim = model.args.n_kv_heads * model.args.head_dim
     assert keep - evict == pytest.approx(4 * 0.4 * 2 * 2 * model.args.dim * kv_dim)
+
+
+def test_transformers_twin_holds_the_same_model():
+    """The transformers row times the same weights: its logits are ours."""
+    import torch
+    from tiny import tiny_model
+    model = tiny_model().eval()
+    hf = bench.transformers_twin(model)
+    x = torch.randint(0, 260, (2, 24))
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)[0]).abs().max() < 1e-4
+
+
+def test_bench_with_trained_routers_times_held_out_text(tmp_path, capsys):
+    """--routers: held-out text of the routers' own data, at their own offset; the sparsity reported is
+    the one measured on that text, and the fast path's logits equal the masked path's."""
+    import train_stage1
+    from tiny import save_tiny_data
+    base, data = save_tiny_model(tmp_path / "base"), save_tiny_data(tmp_path / "data")
+    train_stage1.main(["--init_from", str(base), "--data_dir", str(data), "--out_dir", str(tmp_path / "run"),
+                       "--batch_size", "2", "--block_size", "32", "--max_iters", "2", "--eval_iters", "2",
+                       "--threads", "1", "--protect_first", "0", "--target_sparsity", "0.3"])
+    capsys.readouterr()
+    bench.main(["--routers", str(tmp_path / "run"), "--quick", "--threads", "1", "--plot", "",
+                "--transformers", "false"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    fast = [r for r in out["results"] if r["variant"] == "fast"]
+    assert {r["regime"] for r in fast} == {"prefill64", "decode64", "decode32x4"}
+    assert all(r["sparsity"] == pytest.approx(1 - r["executed_param_fraction"]) and r["sparsity"] > 0 for r in fast)
+    assert out["checks"]["prefill64 fast vs masked max |logit diff|"] < 1e-4

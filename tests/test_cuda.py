@@ -23,9 +23,12 @@ def routed(kv="keep"):
     return Transformer(ModelArgs(**ARGS)).cuda().eval().add_routers(RouterConfig(kv=kv, protect_first=0))
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("kv", ["keep", "evict"])
-def test_fast_equals_masked_on_cuda(kv):
+def test_fast_equals_masked_on_cuda(kv, fused):
     model = routed(kv)
+    if fused:
+        model.fuse_weights()
     x = torch.randint(0, 300, (3, 64), device="cuda")
     force = (torch.rand(4, 2, 3, 64, device="cuda") > 0.4).float()
     with torch.no_grad():
