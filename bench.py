@@ -235,10 +235,10 @@ def decode_weights(model):
     mats = []
     for layer in model.layers:
         att, ffn = layer.attention, layer.feed_forward
-        qkv = att.qkv_weights()
-        mats += [qkv] if qkv is not None else [att.wq.weight, att.wk.weight, att.wv.weight]
+        fused = att.fused_weights()
+        mats += [fused[att.router_rows:]] if fused is not None else [att.wq.weight, att.wk.weight, att.wv.weight]
         mats += [att.wo.weight]
-        mats += [ffn.fused[0]] if ffn.fused is not None else [ffn.w1.weight, ffn.w3.weight]
+        mats += [ffn.fused] if ffn.fused is not None else [ffn.w1.weight, ffn.w3.weight]
         mats += [ffn.w2.weight]
     return mats + [model.output.weight]
 

@@ -73,6 +73,9 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def unmerge(self):
+        if getattr(self, "fused_view", False):
+            raise UserError("this layer's weight is part of an inference-fused matrix (model.fuse_weights); "
+                            "load the model again to unmerge its LoRA")
         if self.merged:
             self.weight -= self.delta().to(self.weight.dtype)
             self.merged = False
@@ -98,6 +101,8 @@ def add_lora(model, targets=DEFAULT_TARGETS, r=16, alpha=32, dropout=0.1):
                 if isinstance(child, LoRALinear):
                     raise UserError(f"{full} already has a LoRA adapter")
                 setattr(parent, name, LoRALinear.from_linear(child, r, alpha, dropout))
+                if getattr(parent, "fused", None) is not None:  # inference-fused matmuls would skip the adapter
+                    parent.fused = None
                 replaced.append(full)
                 hit.add(name)
     missing = [t for t in targets if t not in hit]

@@ -159,35 +159,34 @@ class KVCache(nn.Module):
         return self.k[:B, :, :end], self.v[:B, :, :end], self.keep[:B, :end]
 
 
+ATTN_CHUNK = 64  # queries per attention call on the fast path, one sequence on a CPU (Attention._attend_by_position)
+
+
 # ----------------------------------------------------------------------------------------------
 # Inference-only fused weights: several linears that read the same input, laid out as one matrix
 
-def fuse_linears(*linears):
-    """Re-lay the weights (and biases) of linears that read the same input into one contiguous matrix
-    (sum of outs, in). Each linear keeps its own weight, now a view into that matrix: nothing is
-    stored twice, the state dict does not change, and an in-place update (LoRA's merge) updates both.
-    -> (weight, bias or None)."""
-    weight = torch.cat([m.weight.detach() for m in linears])
-    bias = torch.cat([m.bias.detach() for m in linears]) if linears[0].bias is not None else None
-    start = 0
+def fuse_linears(*linears, head=None):
+    """Re-lay the weights of bias-free linears that read the same input into one contiguous matrix
+    (sum of outs, in), after the rows of `head` if given. Each linear keeps its own weight, now a view
+    into that matrix: nothing is stored twice, the state dict does not change, and an in-place update
+    of a weight updates the matrix too. -> the matrix."""
+    weight = torch.cat(([head] if head is not None else []) + [m.weight.detach() for m in linears])
+    start = 0 if head is None else head.shape[0]
     for m in linears:
         n = m.weight.shape[0]
         m.weight = nn.Parameter(weight[start:start + n], requires_grad=m.weight.requires_grad)
-        if bias is not None:
-            m.bias = nn.Parameter(bias[start:start + n], requires_grad=m.bias.requires_grad)
         start += n
-    return weight, bias
+    return weight
 
 
-def still_fused(fused, *linears):
-    """Whether `fused` (fuse_linears' result) still computes exactly what the linears do: each is a
-    plain nn.Linear (or a LoRA layer with its update merged) whose weight is still a view of it (a
-    .to(dtype) or a reassignment since would have made new tensors)."""
-    if fused is None:
-        return False
-    base = fused[0].untyped_storage().data_ptr()
-    return all((type(m) is nn.Linear or getattr(m, "merged", False))
-               and m.weight.untyped_storage().data_ptr() == base for m in linears)
+def snapshot(owners_and_names):
+    """What unchanged() compares against: each (module, attribute) with its tensor and the tensor's version."""
+    return [(m, name, getattr(m, name), getattr(m, name)._version) for m, name in owners_and_names]
+
+
+def unchanged(snap):
+    """Whether every tensor of a snapshot is still in place and unmodified (no in-place update since)."""
+    return all(getattr(m, name) is t and t._version == v for m, name, t, v in snap)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,32 +201,39 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache = None
-        self.fused = None  # inference only: (wq|wk|wv, None) from fuse_linears (Transformer.fuse_weights)
+        # inference only (Transformer.fuse_weights): [router rows; wk; wv; wq] as one matrix, and how
+        # many router rows lead it (the block's folded routers, or none)
+        self.fused, self.router_rows = None, 0
 
-    def qkv_weights(self):
-        """(wq|wk|wv) as one matrix when fused and in eval mode, else None: the layers run one by one."""
-        ok = not self.training and still_fused(self.fused, self.wq, self.wk, self.wv)
-        return self.fused[0] if ok else None
+    def fused_weights(self):
+        """[router rows; wk; wv; wq] when fused and in eval mode, else None: the layers run one by one."""
+        return None if self.training else self.fused
 
-    def project(self, x, q=True, kv=True):
-        """x (..., dim) -> q (..., nh, hd) and/or k, v (..., nkv, hd), in one matmul when fused."""
-        fused = self.qkv_weights()
+    def project(self, x, q=True, kv=True, kv_given=None):
+        """x (..., dim) -> [q (..., nh, hd)] + [k, v (..., nkv, hd)], in one matmul when fused.
+        kv_given: (k, v) already computed (with the router logits): only q is projected."""
+        if kv_given is not None:
+            return (self.project(x, kv=False) if q else []) + list(kv_given)
+        fused = self.fused_weights()
         nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        if fused is not None:
-            w = fused if q and kv else (fused[:nq] if q else fused[nq:])
-            parts = F.linear(x, w).split([nq] * q + [nkv, nkv] * kv, dim=-1)
+        if fused is not None:  # rows: router, k, v, q
+            r = self.router_rows
+            k_v_q = F.linear(x, fused[r + (0 if kv else 2 * nkv):r + 2 * nkv + (nq if q else 0)])
+            parts = k_v_q.split([nkv, nkv] * kv + [nq] * q, dim=-1)
+            parts = parts[2:] + parts[:2] if q and kv else parts                    # -> q, k, v order
         else:
             parts = ([self.wq(x)] if q else []) + ([self.wk(x), self.wv(x)] if kv else [])
         heads = [self.n_heads] * q + [self.n_kv_heads, self.n_kv_heads] * kv
         return [p.unflatten(-1, (h, self.head_dim)) for p, h in zip(parts, heads)]
 
-    def forward(self, x, cos, sin, start_pos=0, key_keep=None):
+    def forward(self, x, cos, sin, start_pos=0, key_keep=None, kv=None):
         """x (B, T, dim) at positions start_pos..start_pos+T-1; cos/sin (T, head_dim).
 
         key_keep (B, T) bool, "evict" semantics only: False marks tokens that write no usable K/V.
+        kv: this x's (k, v) (B, T, nkv, hd) before RoPE, when already computed (the fast path).
         """
         B, T, _ = x.shape
-        q, k, v = (t.transpose(1, 2) for t in self.project(x))                     # (B, heads, T, hd)
+        q, k, v = (t.transpose(1, 2) for t in self.project(x, kv_given=kv))        # (B, heads, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v, key_keep_all = self.cache.update(start_pos, k, v, key_keep)
@@ -249,18 +255,19 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
-    def forward_sparse(self, x, execute, rows, per_seq, cos, sin, start_pos=0, evict=False):
+    def forward_sparse(self, x, execute, rows, per_seq, cos, sin, start_pos=0, evict=False, kv=None):
         """The fast path: only the tokens that execute attention run it as queries.
 
         x (B, T, dim) normalized input; execute (B, T) bool; rows (N,) the indices of the executing
         tokens in the flattened B*T; per_seq: how many execute in each sequence (host ints). K and V:
         under "keep" every token computes them (later queries attend to skipped tokens too); under
-        evict only executing tokens do, and a skipped token's cache slot stays masked.
+        evict only executing tokens do, and a skipped token's cache slot stays masked. kv: every
+        token's (k, v) before RoPE, when already computed (with the router logits, under "keep").
         Returns out (N, dim), the executing tokens' attention output, or None when N = 0.
         """
         B, T, _ = x.shape
         if not evict:  # K/V of every token: later queries may attend to it
-            k, v = (t.transpose(1, 2) for t in self.project(x, q=False))           # (B, nkv, T, hd)
+            k, v = (t.transpose(1, 2) for t in self.project(x, q=False, kv_given=kv))  # (B, nkv, T, hd)
             k = apply_rope(k, cos, sin)
             if self.cache is not None:
                 k, v, _ = self.cache.update(start_pos, k, v)
@@ -283,6 +290,7 @@ class Attention(nn.Module):
         else:  # pack each sequence's executing tokens to the left: slot = rank among them
             slot = (execute.cumsum(1) - 1).view(-1).index_select(0, rows)
         q = self._pack(q, b_idx, slot, B, n_q)                                      # (B, nh, n_q, hd)
+        y = None
         if evict and self.cache is None:
             # keys = the executing tokens themselves, packed like the queries: causal over slots
             k, v = self._pack(ke, b_idx, slot, B, n_q), self._pack(ve, b_idx, slot, B, n_q)
@@ -302,16 +310,35 @@ class Attention(nn.Module):
                 k, v, key_keep = self.cache.update(start_pos, k_full.transpose(1, 2), v_full.transpose(1, 2), execute)
             pos = torch.zeros(B, n_q, dtype=torch.long, device=x.device)           # padded slots: position 0
             pos[b_idx, slot] = t_idx + start_pos
-            k_pos = torch.arange(k.shape[2], device=x.device)
-            mask = k_pos[None, None, :] <= pos[:, :, None]                           # (B, n_q, S): causal by true position
-            if key_keep is not None:  # an executing query is itself kept
-                mask = mask & key_keep[:, None, :]
-            mask, causal = mask[:, None], False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, nh, n_q, hd)
+            y = self._attend_by_position(q, k, v, pos, key_keep)
+        if y is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=self.n_heads != self.n_kv_heads)  # (B, nh, n_q, hd)
         y = y.transpose(1, 2)                                                        # (B, n_q, nh, hd)
         y = y[0] if B == 1 else y[b_idx, slot]                                       # (N, nh, hd)
         return self.wo(y.reshape(-1, self.n_heads * self.head_dim))
+
+    def _attend_by_position(self, q, k, v, pos, key_keep=None):
+        """Queries q (B, nh, n_q, hd) at positions pos (B, n_q) attend causally to keys k, v (B, nkv, S, hd)
+        at positions 0..S-1 (under evict, only to kept keys: key_keep (B, S)). -> (B, nh, n_q, hd).
+
+        One sequence on a CPU: the queries go in chunks of ATTN_CHUNK, each against the keys up to its
+        last query only, so the scores computed follow the causal triangle (as the dense causal kernel's
+        do) rather than the whole n_q x S rectangle an explicit mask would cost.
+        """
+        B, n_q = pos.shape
+        chunk = ATTN_CHUNK if B == 1 and q.device.type == "cpu" else n_q
+        starts = list(range(0, n_q, chunk))
+        lasts = pos[0, [min(c + chunk, n_q) - 1 for c in starts]].tolist() if B == 1 else [k.shape[2] - 1] * len(starts)
+        out = []
+        for c, last in zip(starts, lasts):
+            keys = last + 1                                                         # keys this chunk can see
+            mask = torch.arange(keys, device=q.device)[None, None, :] <= pos[:, c:c + chunk, None]  # (B, n_c, keys)
+            if key_keep is not None:  # an executing query is itself kept
+                mask = mask & key_keep[:, None, :keys]
+            out.append(F.scaled_dot_product_attention(q[:, :, c:c + chunk], k[:, :, :keys], v[:, :, :keys],
+                                                      attn_mask=mask[:, None], enable_gqa=self.n_heads != self.n_kv_heads))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
     @staticmethod
     def _pack(rows, b_idx, slot, B, n):
@@ -331,11 +358,11 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.fused = None  # inference only: (w1|w3, None) from fuse_linears (Transformer.fuse_weights)
+        self.fused = None  # inference only: w1|w3 as one matrix (Transformer.fuse_weights)
 
     def forward(self, x):
-        if not self.training and still_fused(self.fused, self.w1, self.w3):  # one matmul for w1 and w3
-            gate, up = F.linear(x, self.fused[0]).chunk(2, dim=-1)
+        if self.fused is not None and not self.training:  # one matmul for w1 and w3
+            gate, up = F.linear(x, self.fused).chunk(2, dim=-1)
             return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
@@ -354,7 +381,7 @@ class TransformerBlock(nn.Module):
         self.attention_router = None  # Router modules, added by Transformer.add_routers()
         self.ffn_router = None
         self.router_cfg = None
-        self.router_fused = None      # inference only: both routers' (weight, bias) in one, fuse_linears
+        self.router_fold = None       # inference only: the routers folded into the attention's matrix
 
     def forward(self, x, cos, sin, start_pos=0, routing: Routing | None = None):
         """x (B, T, dim) -> (out (B, T, dim), gates (2, B, T) [attention, MLP] or None when not routed)."""
@@ -374,20 +401,23 @@ class TransformerBlock(nn.Module):
 
         Each sublayer runs on the gathered (batch, time) rows that execute it, and its output is
         added back into those rows of the residual stream. When the MLP router reads the block input,
-        both decisions of the block come from one router matmul and reach the host in one sync (the
-        counts), which also sizes every gather: no further sync.
+        both decisions of the block are known before it runs: they come from one matmul (with the
+        K/V projection of every token, under "keep", when the routers are fused) and reach the host
+        in one sync (the counts), which also sizes every gather: no further sync.
         """
         B, T, D = x.shape
+        xn = self.attention_norm(x)
+        kv = None
         if self.router_cfg.mlp_input == "block":  # decided from x: both known before attention runs
-            gates = self._gate_pair(x, routing, start_pos)                         # (2, B, T)
+            gates, kv = self._gate_pair(x, xn, routing, start_pos)                 # (2, B, T)
             counts = gates.sum(-1).tolist()                                         # [[attn per seq], [mlp per seq]]
             if B * T == 1:
-                return self._decode_one(x, cos, sin, start_pos, gates, counts[0][0], counts[1][0])
+                return self._decode_one(x, xn, kv, cos, sin, start_pos, gates, counts[0][0], counts[1][0])
             g_attn = gates[0]
         else:
             g_attn = self._gate(self.attention_router, x, routing, 0, start_pos)   # (B, T)
             counts = [g_attn.sum(-1).tolist()]
-        h = self._attention_fast(x, g_attn, [int(c) for c in counts[0]], cos, sin, start_pos)
+        h = self._attention_fast(x, xn, kv, g_attn, [int(c) for c in counts[0]], cos, sin, start_pos)
         if self.router_cfg.mlp_input == "block":
             g_mlp = gates[1]
         else:
@@ -399,25 +429,24 @@ class TransformerBlock(nn.Module):
         elif n_mlp == 0:
             out = h
         else:
-            rows = torch.nonzero_static(g_mlp.view(-1), size=n_mlp).squeeze(1)      # (N,) in B*T
+            rows = torch.nonzero_static(g_mlp.reshape(-1), size=n_mlp).squeeze(1)      # (N,) in B*T
             flat = h.reshape(B * T, D)
             out = flat.index_add(0, rows, self.feed_forward(self.ffn_norm(flat.index_select(0, rows))).to(h.dtype))
             out = out.view(B, T, D)
         return out, torch.stack([g_attn, g_mlp])
 
-    def _attention_fast(self, x, g_attn, per_seq, cos, sin, start_pos):
+    def _attention_fast(self, x, xn, kv, g_attn, per_seq, cos, sin, start_pos):
         """x + attention on the tokens that execute it; per_seq: executing tokens per sequence."""
         B, T, D = x.shape
         evict = self.router_cfg.kv == "evict"
-        xn = self.attention_norm(x)
         n = sum(per_seq)
         if n == B * T:  # everyone executes: the dense path (under evict, every key is kept)
-            return x + self.attention(xn, cos, sin, start_pos, g_attn > 0.5 if evict else None)
-        rows = torch.nonzero_static(g_attn.view(-1), size=n).squeeze(1)             # (N,) in B*T
-        out = self.attention.forward_sparse(xn, g_attn > 0.5, rows, per_seq, cos, sin, start_pos, evict)
+            return x + self.attention(xn, cos, sin, start_pos, g_attn > 0.5 if evict else None, kv)
+        rows = torch.nonzero_static(g_attn.reshape(-1), size=n).squeeze(1)             # (N,) in B*T
+        out = self.attention.forward_sparse(xn, g_attn > 0.5, rows, per_seq, cos, sin, start_pos, evict, kv)
         return x if out is None else x.reshape(B * T, D).index_add(0, rows, out.to(x.dtype)).view(B, T, D)
 
-    def _decode_one(self, x, cos, sin, start_pos, gates, attn_on, mlp_on):
+    def _decode_one(self, x, xn, kv, cos, sin, start_pos, gates, attn_on, mlp_on):
         """One token (batch-1 decoding): a plain branch per sublayer, no gathering at all.
 
         A skipped attention still writes the token's K and V to the cache under "keep", and
@@ -425,13 +454,13 @@ class TransformerBlock(nn.Module):
         """
         evict = self.router_cfg.kv == "evict"
         if attn_on:
-            h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, gates[0] > 0.5 if evict else None)
+            h = x + self.attention(xn, cos, sin, start_pos, gates[0] > 0.5 if evict else None, kv)
         elif evict:
             self.attention.cache.keep[:1, start_pos] = False
             h = x
         else:  # K/V only
-            self.attention.forward_sparse(self.attention_norm(x), gates[0] > 0.5, x.new_zeros(0, dtype=torch.long),
-                                          [0], cos, sin, start_pos)
+            self.attention.forward_sparse(xn, gates[0] > 0.5, x.new_zeros(0, dtype=torch.long), [0], cos, sin,
+                                          start_pos, kv=kv)
             h = x
         out = h + self.feed_forward(self.ffn_norm(h)) if mlp_on else h
         return out, gates
@@ -441,16 +470,27 @@ class TransformerBlock(nn.Module):
             return torch.ones(x.shape[:2], device=x.device)
         return routing.gate(router(x), self.layer_id, module, start_pos)
 
-    def _gate_pair(self, x, routing, start_pos=0):
-        """Both gates of the block from the block input x: (2, B, T). One matmul when the routers are fused."""
+    def _gate_pair(self, x, xn, routing, start_pos=0):
+        """Both gates of the block from the block input x: (2, B, T), and, when the routers are folded
+        into the attention's matrix under "keep", every token's (k, v) (B, T, nkv, hd) from the same
+        matmul (else None)."""
         if self.layer_id < self.router_cfg.protect_first:
-            return torch.ones(2, *x.shape[:2], device=x.device)
-        routers = (self.attention_router.proj, self.ffn_router.proj)
-        if not self.training and still_fused(self.router_fused, *routers):
-            logits = F.linear(self.attention_router.prepare(x), *self.router_fused)  # (B, T, 4)
-            return routing.gate_pair(logits, self.layer_id, start_pos)
+            return torch.ones(2, *x.shape[:2], device=x.device), None
+        fused = self.attention.fused_weights()
+        if fused is not None and self.router_fold is not None and unchanged(self.router_fold[1]):
+            # rms_norm(x) = attention_norm(x) / w, so the routers' W rms_norm(x) is (W / w) xn: their
+            # rows, scaled once, lead the attention's matrix and run in the K/V matmul
+            r, nkv = self.attention.router_rows, self.attention.n_kv_heads * self.attention.head_dim
+            keep = self.router_cfg.kv == "keep"
+            out = F.linear(xn, fused[:r + 2 * nkv * keep])
+            logits = out[..., :r] + self.router_fold[0]                              # (B, T, 4)
+            kv = None
+            if keep:
+                k, v = out[..., r:].split(nkv, dim=-1)
+                kv = (k.unflatten(-1, (-1, self.attention.head_dim)), v.unflatten(-1, (-1, self.attention.head_dim)))
+            return routing.gate_pair(logits, self.layer_id, start_pos), kv
         return torch.stack([routing.gate(self.attention_router(x), self.layer_id, 0, start_pos),
-                            routing.gate(self.ffn_router(x), self.layer_id, 1, start_pos)])
+                            routing.gate(self.ffn_router(x), self.layer_id, 1, start_pos)]), None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,6 +510,7 @@ class Transformer(nn.Module):
         self.routing_offset = 0.0  # calibrated logit offset of loaded routers (router.calibrate_offset)
         self.tokenizer = None     # set by checkpoint.load
         self.source = {}          # what was loaded (paths, fingerprints), for runs to record
+        self._fused_key = None    # set by fuse_weights: the weights it fused (see _weights_key)
         self._rope_len = 0
 
     # --- routers -------------------------------------------------------------------------------
@@ -484,19 +525,46 @@ class Transformer(nn.Module):
         return self
 
     def fuse_weights(self):
-        """For inference (generation, evaluation, bench): lay wq|wk|wv, w1|w3 and, where both routers
-        read the block input, the two linear routers of every block out as one matrix each, so that
-        one matmul does the work of several. The layers keep their weights (views into the fused
-        matrices: no extra memory, the same state dict). Training never uses them (train mode), nor
-        does a layer with an unmerged LoRA adapter; a later .to(dtype) or reassigned weight turns
-        them off (still_fused). Call it after moving the model to its device and dtype."""
+        """For inference (generation, evaluation, bench): one matmul where the layers would run several.
+
+        Per block: [wk; wv; wq] as one matrix, led by the two routers' rows where both read the
+        normalized block input (linear routers, --mlp_input block): rms_norm(x) = attention_norm(x) / w,
+        so a router's W rms_norm(x) is (W / w) attention_norm(x), computed with K and V in one matmul.
+        And [w1; w3]. The layers keep their weights as views into these matrices (no extra memory, the
+        same state dict). Training never uses them (train mode); adding LoRA drops them (lora.add_lora),
+        so does moving, casting or reloading the model, and a router changed in place is not folded.
+        Call it last: after moving the model to its device and dtype and merging any LoRA."""
+        if any(getattr(m, "lora_A", None) is not None and not m.merged for m in self.modules()):
+            raise UserError("merge the LoRA adapters before fusing the weights (lora.merge_lora)")
+        cfg = self.router_cfg
         for layer in self.layers:
-            layer.attention.fused = fuse_linears(layer.attention.wq, layer.attention.wk, layer.attention.wv)
-            layer.feed_forward.fused = fuse_linears(layer.feed_forward.w1, layer.feed_forward.w3)
-            cfg = self.router_cfg
-            if cfg is not None and cfg.kind == "linear" and cfg.mlp_input == "block":
-                layer.router_fused = fuse_linears(layer.attention_router.proj, layer.ffn_router.proj)
+            att, ffn, head = layer.attention, layer.feed_forward, None
+            layer.router_fold = None
+            w = layer.attention_norm.weight
+            if (cfg is not None and cfg.kind == "linear" and cfg.normalize and cfg.mlp_input == "block"
+                    and layer.layer_id >= cfg.protect_first and bool((w.abs() > 1e-6).all())):
+                routers = (layer.attention_router.proj, layer.ffn_router.proj)
+                head = torch.cat([m.weight.detach() for m in routers]) / w.detach()[None, :]  # (4, dim)
+                watched = [(m, name) for m in routers for name in ("weight", "bias")] + [(layer.attention_norm, "weight")]
+                layer.router_fold = (torch.cat([m.bias.detach() for m in routers]), snapshot(watched))
+            att.fused = fuse_linears(att.wk, att.wv, att.wq, head=head)
+            att.router_rows = 0 if head is None else head.shape[0]
+            ffn.fused = fuse_linears(ffn.w1, ffn.w3)
+            for m in (att.wq, att.wk, att.wv, ffn.w1, ffn.w3):
+                m.fused_view = True  # (LoRALinear.unmerge refuses: the fused matrix would keep the update)
+        self._fused_key = self._weights_key()
         return self
+
+    def drop_fused(self):
+        """Back to running every layer on its own (the layers' weights stay what they are)."""
+        for layer in self.layers:
+            layer.attention.fused, layer.attention.router_rows = None, 0
+            layer.feed_forward.fused, layer.router_fold = None, None
+        self._fused_key = None
+
+    def _weights_key(self):
+        return (self.tok_embeddings.weight.data_ptr(), self.layers[0].attention.wq.weight.data_ptr(),
+                self.layers[-1].feed_forward.w1.weight.data_ptr())
 
     def router_state_dict(self):
         return {k: v for k, v in self.state_dict().items() if "_router." in k}
@@ -532,6 +600,8 @@ class Transformer(nn.Module):
         start_pos: position of tokens[:, 0]; > 0 only with a KV cache (setup_cache).
         """
         B, T = tokens.shape
+        if self._fused_key is not None and self._fused_key != self._weights_key():
+            self.drop_fused()  # moved, cast or reloaded since fuse_weights(): its matrices are stale
         if start_pos + T > self.args.max_seq_len:
             raise UserError(f"sequence of {start_pos + T} tokens exceeds the model's max_seq_len {self.args.max_seq_len}")
         cos, sin = self._rope(start_pos + T, tokens.device)

@@ -149,6 +149,8 @@ class Routing:
         """Both gates of a block from its two routers' logits side by side, (B, T, 4) -> (2, B, T)."""
         if self.mode == "hard":  # one comparison for both: [execute, skip] pairs of attention and MLP
             return hard_gate(logits.unflatten(-1, (2, 2)), self.offset).movedim(-1, 0)
+        if self.mode == "force":
+            return self.force[layer][:, :, start_pos:start_pos + logits.shape[1]].to(logits.device, torch.float32)
         return torch.stack([self.gate(logits[..., :2], layer, 0, start_pos),
                             self.gate(logits[..., 2:], layer, 1, start_pos)])
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import ModelArgs, Transformer, still_fused
+from model import ModelArgs, Transformer
 from router import (RouterConfig, Routing, block_params, calibrate_offset, gumbel_gate, module_params,
                     routing_stats, sparsity_loss)
 from tiny import tiny_model
@@ -301,12 +301,15 @@ def test_fused_inference_weights_change_nothing(kv, mlp_input):
     gates as the layers one by one: dense and routed, prefill and cached decoding. The weights stay
     views of the fused matrices, so the state dict is unchanged."""
     model = decisive_routers(routed_model(kv=kv, mlp_input=mlp_input))
+    with torch.no_grad():  # norm weights away from 1: the routers folded into the attention matrix are W / w
+        for layer in model.layers:
+            layer.attention_norm.weight.uniform_(0.5, 1.5)
     ref = routed_model(kv=kv, mlp_input=mlp_input)
     ref.load_state_dict(model.state_dict())
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.fuse_weights()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert model.layers[0].attention.qkv_weights() is not None
+    assert model.layers[0].attention.fused_weights() is not None
     x = torch.randint(0, 101, (2, 18), generator=torch.Generator().manual_seed(2))
     for routing in (None, Routing(mode="hard", offset=0.5, fast=True), Routing(mode="hard", offset=0.5)):
         a, _, ga = model(x, routing=routing)
@@ -325,27 +328,59 @@ def test_fused_inference_weights_change_nothing(kv, mlp_input):
 
 
 def test_fused_weights_are_not_used_where_they_would_be_wrong():
-    """In training mode, with an unmerged LoRA adapter, or after the weights were replaced, the layers
-    run one by one; a merged adapter updates the fused matrix in place."""
+    """In training mode, after LoRA is added, or after the model is cast or reloaded, the layers run
+    one by one; fusing refuses unmerged adapters, and a fused model refuses to unmerge."""
+    from errors import UserError
     from lora import add_lora, merge_lora
     model = routed_model().fuse_weights()
     att = model.layers[1].attention
-    assert att.qkv_weights() is not None
+    assert att.fused_weights() is not None
     model.train()
-    assert att.qkv_weights() is None
+    assert att.fused_weights() is None
     model.eval()
     add_lora(model, targets=("wq", "w1"), r=2, alpha=4, dropout=0.0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
-    assert att.qkv_weights() is None and not still_fused(model.layers[1].feed_forward.fused,
-                                                         model.layers[1].feed_forward.w1, model.layers[1].feed_forward.w3)
+    assert att.fused_weights() is None and model.layers[1].feed_forward.fused is None
     x = torch.randint(0, 101, (1, 12))
     unmerged, _, _ = model(x)
-    merge_lora(model)
-    assert att.qkv_weights() is not None  # merged in place: the fused matrix holds the update too
+    with pytest.raises(UserError, match="merge the LoRA adapters"):
+        model.fuse_weights()
+    merge_lora(model).fuse_weights()
+    assert att.fused_weights() is not None
     merged, _, _ = model(x)
     assert (merged - unmerged).abs().max() < 1e-4
-    att.wk.weight = torch.nn.Parameter(att.wk.weight.detach().clone())  # replaced: no longer a view
-    assert att.qkv_weights() is None
+    with pytest.raises(UserError, match="load the model again"):
+        att.wq.unmerge()
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)  # new tensors
+    again, _, _ = model(x)
+    assert att.fused_weights() is None and (again - merged).abs().max() < 1e-4
+    # a router changed in place after fusing: its folded copy is not used (the routers run on their own)
+    model = decisive_routers(routed_model()).fuse_weights()
+    x = torch.randint(0, 101, (1, 16))
+    with torch.no_grad():
+        model.layers[2].ffn_router.proj.bias.add_(torch.tensor([-50.0, 50.0]))  # now always skips
+    _, _, gates = model(x, routing=Routing(mode="hard", fast=True))
+    assert gates[2, 1].eq(0).all()
+
+
+@pytest.mark.parametrize("kv", ["keep", "evict"])
+def test_chunked_attention_of_a_long_sequence_equals_the_masked_path(kv):
+    """Past ATTN_CHUNK executing queries the fast path attends in chunks, each to the keys up to its
+    last query: the same logits as the masked reference, prefill and cached, and fewer scores counted."""
+    import model as model_module
+    torch.manual_seed(3)
+    model = Transformer(ModelArgs(**{**ARGS, "max_seq_len": 256})).eval().add_routers(RouterConfig(protect_first=0, kv=kv))
+    T = 3 * model_module.ATTN_CHUNK + 10
+    x = torch.randint(0, 101, (1, T))
+    force = (torch.rand(3, 2, 1, T, generator=torch.Generator().manual_seed(4)) > 0.3).float()
+    masked, _, _ = model(x, routing=Routing(mode="force", force=force))
+    fast, _, _ = model(x, routing=Routing(mode="force", force=force, fast=True))
+    assert (masked - fast).abs().max() < 1e-4
+    model.setup_cache(1, T)
+    a, _, _ = model(x[:, :40], routing=Routing(mode="force", force=force, fast=True))
+    b, _, _ = model(x[:, 40:], routing=Routing(mode="force", force=force, fast=True), start_pos=40)
+    model.clear_cache()
+    assert (torch.cat([a, b], 1) - masked).abs().max() < 1e-4
