@@ -316,6 +316,29 @@ def eval_lambada(model, tok, passages, routing_factory=None, counter=None, batch
     return {"ppl": math.exp(nll / count), "acc": correct / len(encoded), "n": len(encoded), "tokens": count}
 
 
+@torch.no_grad()
+def knowledge(model, tok, routing_factory=None, n_tokens=8, counter=None):
+    """Share of tasks.KNOWLEDGE prompts whose greedy continuation (n_tokens, KV cache, the model's own
+    routing) starts with the answer; counter (SkipCounter) counts the routing of every token run.
+    -> (share, [continuation, ...])."""
+    device = model.tok_embeddings.weight.device
+    hits, outs = 0, []
+    for prompt, answer in tasks.KNOWLEDGE:
+        ids = torch.tensor([tok.encode(prompt)], device=device)
+        routing = routing_factory() if routing_factory else None
+        count = (lambda nxt, gates: counter.add(gates)) if counter is not None and routing is not None else None
+        out = model.generate(ids, n_tokens, temperature=0, routing=routing, on_token=count)
+        text = tok.decode(out[0, ids.shape[1]:].tolist())
+        hits += knows(text, answer)
+        outs.append(text)
+    return hits / len(tasks.KNOWLEDGE), outs
+
+
+def knows(continuation, answer):
+    """Whether a continuation starts with the answer (case and leading space ignored)."""
+    return continuation.strip().lower().startswith(answer.lower())
+
+
 # ----------------------------------------------------------------------------------------------
 # What to evaluate
 
@@ -493,6 +516,8 @@ def parse_args(argv=None):
                    help=f"first N documents of every task, N/2 of HellaSwag (its documents cost the most) "
                         f"(default: {DEFAULT_LIMIT})")
     p.add_argument("--lambada", type=int, default=DEFAULT_LAMBADA, help="first N LAMBADA passages for perplexity (0 = skip)")
+    p.add_argument("--knowledge", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                   help="greedy answers to tasks.KNOWLEDGE's factual prompts: the share a model keeps (default: true)")
     p.add_argument("--full", action="store_true", help="every document of every task and every LAMBADA passage (but the calibration ones)")
     p.add_argument("--data_dir", default="data/shakespeare", help="validation windows (val.bin) and calibration text (train.bin)")
     p.add_argument("--batch_tokens", type=int, default=512,
@@ -561,6 +586,14 @@ def main(argv=None):
             lam = eval_lambada(model, tok, passages, routing_factory, parts["lambada"], a.batch_tokens)
             ppl["lambada"] = lam["ppl"]
 
+    # -- knowledge: short factual prompts, greedy
+    known = None
+    if a.knowledge:
+        with timed(times, "knowledge"):
+            parts["knowledge"] = SkipCounter()
+            known, _ = knowledge(model, tok, routing_factory, counter=parts["knowledge"])
+        print(f"knowledge      {known:.3f} of {len(tasks.KNOWLEDGE)} factual prompts answered ({times['knowledge'][0]:.0f} s)")
+
     # -- zero-shot tasks
     for name in a.tasks:
         limit = None if a.full else (a.limit or DEFAULT_LIMIT) // (2 if name == "hellaswag" else 1)
@@ -604,7 +637,7 @@ def main(argv=None):
     print(f"\n{seconds:.0f} s in all ({time.process_time() - c_start:.0f} s of CPU time): "
           + ", ".join(f"{k} {wall:.0f} s" for k, (wall, _) in times.items()))
     result = {"model": label, "kind": info["kind"], "ppl": ppl,
-              "lambada_acc": lam["acc"] if "lambada" in ppl else None,
+              "lambada_acc": lam["acc"] if "lambada" in ppl else None, "knowledge": known,
               "tasks": result_tasks, "avg_acc": avg, "avg_acc_norm": avg_norm,
               "sparsity": {k: v for k, v in sparsity.items() if not k.endswith("per_layer")},
               "sparsity_per_layer": {k: v for k, v in sparsity.items() if k.endswith("per_layer")} or None,

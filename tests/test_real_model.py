@@ -61,3 +61,12 @@ def test_committed_default_routers_give_their_known_continuation():
     for fast in (False, True):
         routing = Routing(mode="hard", offset=model.routing_offset, fast=fast)
         assert greedy(model, "The capital of France is", 12, routing) == " Paris.\n\nThe capital of France is Paris.\n"
+
+
+def test_dense_model_answers_every_knowledge_prompt(smollm2):
+    """tasks.KNOWLEDGE is the fixed set eval.py scores pruned models on: the dense model answers all."""
+    import eval as ev
+    import tasks
+    share, outs = ev.knowledge(smollm2, smollm2.tokenizer)
+    assert len(tasks.KNOWLEDGE) >= 20
+    assert share == 1.0, [(p, o) for (p, a), o in zip(tasks.KNOWLEDGE, outs) if not ev.knows(o, a)]
