@@ -12,8 +12,8 @@
     python eval.py --full                               # every document and passage (hours on a CPU)
 
 What it measures, and how:
-- perplexity on the fixed validation windows of the held-out plays (common.val_windows, the same
-  numbers train_stage1.py reports) and on the first N LAMBADA test passages (whole passages, every
+- perplexity on the fixed validation windows of the held-out text of --data_dir (common.val_windows,
+  the same numbers train_stage1.py reports; the plays by default, data/general for general text) and on the first N LAMBADA test passages (whole passages, every
   token after the first), plus LAMBADA's last-word accuracy (all its tokens greedy-correct);
 - zero-shot accuracy as lm-evaluation-harness scores multiple choice: each choice's log-likelihood
   is the sum of log p over its continuation tokens given its context (tokenized as the harness does;
@@ -566,16 +566,17 @@ def main(argv=None):
     print(f"evaluating {label} on {device} ({dtype}, {torch.get_num_threads()} threads)")
     times, parts, result_tasks = {}, {}, {}
 
-    # -- perplexity on the held-out plays
+    # -- perplexity on the held-out text of --data_dir (named after it: "shakespeare", "general", ...)
     ensure_data(a.data_dir, tok)  # a bundled dataset is prepared once, with the model's tokenizer
-    with timed(times, "shakespeare"):
+    held_out = Path(a.data_dir).name
+    with timed(times, held_out):
         windows = val_windows(load_split(a.data_dir, "val", tok))
         st = evaluate(model, windows, routing_factory, batch_size=max(1, a.batch_tokens // windows.shape[1]),
-                      ctx=ctx, device=device, progress=lambda it: tqdm(it, desc="shakespeare", leave=False))
-        ppl = {"shakespeare": st["ppl"]}
-        parts["shakespeare"] = SkipCounter()
+                      ctx=ctx, device=device, progress=lambda it: tqdm(it, desc=held_out, leave=False))
+        ppl = {held_out: st["ppl"]}
+        parts[held_out] = SkipCounter()
         if routing_factory:
-            parts["shakespeare"].add_rates(st, windows[:, 1:].numel())
+            parts[held_out].add_rates(st, windows[:, 1:].numel())
 
     # -- LAMBADA passages
     n_lambada = None if a.full else a.lambada
@@ -623,7 +624,7 @@ def main(argv=None):
     # -- report
     print(f"\n### {label}\n")
     print(f"| | value |\n|---|---|")
-    print(f"| perplexity, held-out plays ({len(windows)} x {windows.shape[1] - 1} tokens) | {ppl['shakespeare']:.2f} |")
+    print(f"| perplexity, held-out {held_out} text ({len(windows)} x {windows.shape[1] - 1} tokens) | {ppl[held_out]:.2f} |")
     if "lambada" in ppl:
         print(f"| perplexity, LAMBADA ({lam['n']} passages, {lam['tokens']} tokens) | {ppl['lambada']:.2f} |")
         print(f"| LAMBADA last-word accuracy | {lam['acc']:.3f} |")
