@@ -22,8 +22,9 @@ import torch
 import assets
 from checkpoint import load, rel_to_root
 import tasks
-from common import load_split, setup_device, val_windows
+from common import ensure_data, load_split, setup_device, val_windows
 from errors import ArgumentParser, UserError, cli
+from lora import merge_lora
 from eval import calibrate, calibration_sequences
 from router import Routing, routing_stats
 
@@ -119,7 +120,7 @@ def main(argv=None):
     device, _, ctx = setup_device(a.device, "float32")
     path = Path(a.model) if a.model else next(p for p in (Path("out/stage1"), assets.ROOT / "pretrained/stage1-smollm2-135m")
                                               if (p / "config.json").exists())
-    model = load(path, device=device).fuse_weights()
+    model = merge_lora(load(path, device=device)).fuse_weights()
     if model.router_cfg is None:
         raise UserError(f"{path} has no routers; give a stage-1 or stage-2 run: --model out/stage1")
     tok = model.tokenizer
@@ -127,7 +128,8 @@ def main(argv=None):
     if a.sparsity is not None:
         print(f"calibrating the offset to skip {a.sparsity} of block parameters on general text ...")
         offset = calibrate(model, calibration_sequences(tok, model.args.max_seq_len), a.sparsity, ctx)
-    texts = {"held-out plays": val_windows(load_split(a.data_dir, "val", tok)), "LAMBADA (general)": general_windows(tok)}
+    texts = {"held-out plays": val_windows(load_split(ensure_data(a.data_dir, tok), "val", tok)),
+             "LAMBADA (general)": general_windows(tok)}
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     first = model.router_cfg.protect_first

@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from baselines import blocks_for_param_sparsity, remove_blocks
 from checkpoint import load, read_config
-from common import ensure_data, load_split, val_windows
+from common import ensure_data, load_split, parse_bool, val_windows
 from convert import ensure_default_model
 from errors import ArgumentParser, UserError, cli
 from lora import merge_lora
@@ -164,7 +164,7 @@ def parse(argv=None):
     p.add_argument("--quick", action="store_true", help="small shapes and 2 repeats: a smoke test")
     p.add_argument("--plot", default="out/bench.png", help="PNG of measured vs ideal speedup")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--transformers", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+    p.add_argument("--transformers", type=parse_bool, default=True, metavar="BOOL",
                    help="also time transformers' LlamaForCausalLM on the same weights, where it is installed (default: true)")
     a = p.parse_args(argv)
     if a.quick:
@@ -204,9 +204,13 @@ def transformers_twin(model):
             to_hf[name.format(i)] = hf_name.format(i)
     state = {to_hf[k]: v for k, v in model.state_dict().items() if k in to_hf}
     hf = transformers.LlamaForCausalLM(cfg).to(model.tok_embeddings.weight.dtype)
-    hf.load_state_dict(state, strict=False)
+    result = hf.load_state_dict(state, strict=False)
     if a.tie_embeddings:
         hf.tie_weights()
+    missing = [k for k in result.missing_keys if not (a.tie_embeddings and k == "lm_head.weight")]
+    if missing or result.unexpected_keys:
+        raise UserError(f"transformers' model does not take these weights (missing {missing[:3]}, "
+                        f"unexpected {result.unexpected_keys[:3]})")
     return hf.to(model.tok_embeddings.weight.device).eval()
 
 
@@ -288,7 +292,8 @@ def main(argv=None):
     floor_mats = decode_weights(model)
     # trained routers: held-out text at their own offset (or offsets calibrated on that text); random: ids
     longest = max(r["length"] + (a.decode_steps if r["kind"] == "decode" else 0) for r in regimes)
-    text = held_out_text(a.routers, model, max(r["batch"] for r in regimes), longest).to(device) if trained else None
+    run_dir = a.routers or a.model
+    text = held_out_text(run_dir, model, max(r["batch"] for r in regimes), longest).to(device) if trained else None
     if trained and a.sparsities is None:
         offsets = {"own": model.routing_offset}
     else:
@@ -296,7 +301,7 @@ def main(argv=None):
         offsets = calibrate_offsets(model, sparsities, text[:2, :256]) if trained else {s: None for s in sparsities}
 
     print(f"bench: {model.source.get('path')} | "
-          f"{'trained routers ' + a.routers + ' on held-out text' if trained else 'random routing on random ids'} | "
+          f"{'trained routers ' + str(run_dir) + ' on held-out text' if trained else 'random routing on random ids'} | "
           f"{device} {str(dtype).replace('torch.', '')} | {torch.get_num_threads()} threads | "
           f"{a.repeats} repeats, median{' | transformers ' + __import__('transformers').__version__ if hf else ''}",
           file=sys.stderr)
@@ -358,8 +363,10 @@ def main(argv=None):
                 row |= {"ideal_speedup": float("nan"), "efficiency": float("nan")}
             else:
                 row |= measure_costs(reg, name, m, routing_fn, tokens, min(steps, COST_STEPS), device, bpp, kv, model)
-                if s == "own":
-                    row["sparsity"] = 1 - row["executed_param_fraction"]
+                if s == "own":  # what the routers skip on this text (the masked row routes alike, runs it all)
+                    if name.startswith("fast"):
+                        own_sparsity = 1 - row["executed_param_fraction"]
+                    row["sparsity"] = own_sparsity
                 ideal = row["ideal_speedup"]
                 row["efficiency"] = (t_dense - t) / (t_dense - t_dense / ideal) if ideal > 1.0001 else float("nan")
             results.append(row)

@@ -35,7 +35,7 @@ def setting(default, help):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def _parse_bool(s):
+def parse_bool(s):
     if s.lower() in ("1", "true", "yes", "on"):
         return True
     if s.lower() in ("0", "false", "no", "off"):
@@ -52,7 +52,7 @@ def parse_settings(cls, description, argv=None, presets=None):
     for f in dataclasses.fields(cls):
         kind = type(f.default)
         if f.type in ("bool", bool) or kind is bool:
-            parser.add_argument(f"--{f.name}", type=_parse_bool, default=None, metavar="BOOL",
+            parser.add_argument(f"--{f.name}", type=parse_bool, default=None, metavar="BOOL",
                                 help=f"{f.metadata.get('help', '')} (default: {f.default})")
         else:
             conv = {int: int, float: float}.get(kind, str)
@@ -240,6 +240,14 @@ class JsonlLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def keep(self, wanted):
+        """Rewrite the log with only the records for which wanted(record) is true."""
+        if self.enabled and self.path.exists():
+            kept = [r for r in self.read() if wanted(r)]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+
     def read(self):
         if not self.path.exists():
             return []
@@ -261,16 +269,6 @@ def prepare_out_dir(out_dir, resume, overwrite, what):
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def model_flops_per_token(args, seq_len):

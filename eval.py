@@ -60,9 +60,11 @@ import baselines
 import checkpoint
 import tasks
 from checkpoint import load
-from common import calibration_windows, ensure_data, evaluate, load_split, setup_device, val_windows
+from tokenizer import Tokenizer
+from common import calibration_windows, ensure_data, evaluate, load_split, parse_bool, setup_device, val_windows
 from convert import ensure_default_model
 from errors import ArgumentParser, UserError, cli
+from lora import merge_lora
 from router import Routing, block_params, calibrate_offset, module_params, routing_stats
 
 DEFAULT_LIMIT = 150      # documents per task by default (the first ones, by doc_id); HellaSwag half as many
@@ -365,7 +367,7 @@ def static_baseline(a):
 def build(a, path, base_path, device, ctx):
     """-> (model, label, routing factory or None, info dict). Static baselines start from the dense base."""
     if not static_baseline(a):
-        model = load(path, device=device).fuse_weights()  # inference: fused matmuls
+        model = merge_lora(load(path, device=device)).fuse_weights()  # inference: LoRA folded in, fused matmuls
         label = checkpoint.rel_to_root(path)
         if model.router_cfg is None:
             return model, label, None, {"kind": "dense"}
@@ -516,7 +518,7 @@ def parse_args(argv=None):
                    help=f"first N documents of every task, N/2 of HellaSwag (its documents cost the most) "
                         f"(default: {DEFAULT_LIMIT})")
     p.add_argument("--lambada", type=int, default=DEFAULT_LAMBADA, help="first N LAMBADA passages for perplexity (0 = skip)")
-    p.add_argument("--knowledge", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+    p.add_argument("--knowledge", type=parse_bool, default=True, metavar="BOOL",
                    help="greedy answers to tasks.KNOWLEDGE's factual prompts: the share a model keeps (default: true)")
     p.add_argument("--full", action="store_true", help="every document of every task and every LAMBADA passage (but the calibration ones)")
     p.add_argument("--data_dir", default="data/shakespeare", help="validation windows (val.bin) and calibration text (train.bin)")
@@ -559,6 +561,7 @@ def main(argv=None):
     t_start, c_start = time.time(), time.process_time()
     path = Path(a.model) if a.model else ensure_default_model()
     base_path = base_of(path)
+    ensure_data(a.data_dir, Tokenizer.load(base_path))  # a bundled dataset is prepared once (static baselines calibrate on it)
     model, label, routing_factory, info = build(a, path, base_path, device, ctx)
     tok = model.tokenizer
     if tok is None:
@@ -567,7 +570,6 @@ def main(argv=None):
     times, parts, result_tasks = {}, {}, {}
 
     # -- perplexity on the held-out text of --data_dir (named after it: "shakespeare", "general", ...)
-    ensure_data(a.data_dir, tok)  # a bundled dataset is prepared once, with the model's tokenizer
     held_out = Path(a.data_dir).name
     with timed(times, held_out):
         windows = val_windows(load_split(a.data_dir, "val", tok))
@@ -590,7 +592,7 @@ def main(argv=None):
     # -- knowledge: short factual prompts, greedy
     known = None
     if a.knowledge:
-        with timed(times, "knowledge"):
+        with timed(times, "knowledge"), ctx:
             parts["knowledge"] = SkipCounter()
             known, _ = knowledge(model, tok, routing_factory, counter=parts["knowledge"])
         print(f"knowledge      {known:.3f} of {len(tasks.KNOWLEDGE)} factual prompts answered ({times['knowledge'][0]:.0f} s)")
@@ -608,8 +610,9 @@ def main(argv=None):
     # -- sparsity on the evaluation text
     if routing_factory:
         total = SkipCounter()
-        for c in parts.values():
-            total.merge(c)
+        for name, c in parts.items():
+            if name != "knowledge":  # generated tokens: reported on their own, not in the text's sparsity
+                total.merge(c)
         sparsity = total.stats(model.args, model.router_cfg.kv)
         by_part = {k: round(c.stats(model.args, model.router_cfg.kv)["param_sparsity"], 4)
                    for k, c in parts.items() if c.tokens}

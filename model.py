@@ -456,7 +456,8 @@ class TransformerBlock(nn.Module):
         if attn_on:
             h = x + self.attention(xn, cos, sin, start_pos, gates[0] > 0.5 if evict else None, kv)
         elif evict:
-            self.attention.cache.keep[:1, start_pos] = False
+            if self.attention.cache is not None:  # its slot stays masked
+                self.attention.cache.keep[:1, start_pos] = False
             h = x
         else:  # K/V only
             self.attention.forward_sparse(xn, gates[0] > 0.5, x.new_zeros(0, dtype=torch.long), [0], cos, sin,
@@ -477,7 +478,9 @@ class TransformerBlock(nn.Module):
         if self.layer_id < self.router_cfg.protect_first:
             return torch.ones(2, *x.shape[:2], device=x.device), None
         fused = self.attention.fused_weights()
-        if fused is not None and self.router_fold is not None and unchanged(self.router_fold[1]):
+        # (in fp32 only: in bf16, W/w and xn round differently from W and rms_norm(x), and decisions flip)
+        if (fused is not None and self.router_fold is not None and fused.dtype == torch.float32
+                and not torch.is_autocast_enabled(x.device.type) and unchanged(self.router_fold[1])):
             # rms_norm(x) = attention_norm(x) / w, so the routers' W rms_norm(x) is (W / w) xn: their
             # rows, scaled once, lead the attention's matrix and run in the K/V matmul
             r, nkv = self.attention.router_rows, self.attention.n_kv_heads * self.attention.head_dim

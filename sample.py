@@ -19,6 +19,7 @@ import torch
 from checkpoint import load
 from convert import ensure_default_model
 from errors import ArgumentParser, UserError, cli
+from lora import merge_lora
 from router import Routing, routing_stats
 
 
@@ -62,7 +63,7 @@ def main(argv=None):
         raise UserError("--temperature must be >= 0")
     device = "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
     source = a.routers or a.model or ensure_default_model()
-    model = load(source, device=device).fuse_weights()  # inference: fused matmuls
+    model = merge_lora(load(source, device=device)).fuse_weights()  # inference: LoRA folded in, fused matmuls
     tok = model.tokenizer
     if tok is None:
         raise UserError(f"{source} has no tokenizer; convert the model together with its tokenizer files")

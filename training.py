@@ -12,9 +12,9 @@ settings and format version), the trained tensors, ckpt.pt (optimizer, RNG state
 resume), log.jsonl, curves.png and summary.json.
 
 Resuming restores the run's own settings before anything is built (a flag given again on the
-command line wins), then the trained tensors, the optimizer and the random states as they were
-after the last whole step, so a resumed run draws the same batches and noise as one that never
-stopped. Ctrl-C saves that state and exits with status 130.
+command line wins), then the trained tensors and the optimizer as they were after the last whole
+step. Every step seeds its batches, Gumbel noise and dropout from (seed, step, process), so a resumed
+run draws what one that never stopped would have. Ctrl-C saves that state and exits with status 130.
 """
 import dataclasses
 import json
@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 import plots
 from checkpoint import (RUN_VERSION, atomic_save_tensors, atomic_torch_save, atomic_write_text, base_reference,
-                        check_run_version, read_config, read_resume_state, read_tensors)
+                        check_run_version, load_trained, read_config, read_resume_state)
 from common import (JsonlLog, VAL_WINDOWS, all_reduce_mean, ensure_data, evaluate, get_batch, load_split, lr_at,
-                    model_flops_per_token, prepare_out_dir, rng_state, set_rng_state, setting, setup_ddp, setup_device, val_windows)
+                    model_flops_per_token, prepare_out_dir, setting, setup_ddp, setup_device, val_windows)
 from errors import UserError
 from router import Routing
 
@@ -88,15 +88,19 @@ def restore_settings(s, saved, explicit):
                                      if k in known and k not in explicit and k not in ("resume", "overwrite")})
 
 
-def save_run(out_dir, stage, model, s, step, optimizer, rngs, final=False):
-    """config.json + the trained tensors (what the run is) and ckpt.pt (how to resume it), atomically.
+TRAINED_KEYS = {"routers.safetensors": "_router.", "lora.safetensors": ("lora_A", "lora_B")}  # what each file holds
 
-    rngs: (torch RNG state, batch generator state) as they were after step `step`.
-    """
+
+def step_seed(seed, it, rank):
+    """The random seed of step `it` on process `rank`: distinct for every (step, process)."""
+    return seed + 7919 * it + 104729 * rank
+
+
+def save_run(out_dir, stage, model, s, step, optimizer, final=False):
+    """config.json + the trained tensors (what the run is) and ckpt.pt (how to resume it), atomically."""
     for name, tensors in stage.trained(model).items():
         atomic_save_tensors(tensors, out_dir / name)
-    atomic_torch_save({"iter": step, "optimizer": optimizer.state_dict(), "rng": rngs[0], "batch_rng": rngs[1]},
-                      out_dir / "ckpt.pt")
+    atomic_torch_save({"iter": step, "optimizer": optimizer.state_dict()}, out_dir / "ckpt.pt")
     cfg = {"format": stage.FORMAT, "version": RUN_VERSION, "base": base_reference(model), **stage.run_config(model, s),
            "iter": step, "finished": final, "settings": dataclasses.asdict(s)}
     atomic_write_text(out_dir / "config.json", json.dumps(cfg, indent=2))
@@ -107,9 +111,8 @@ def average_gradients(params, world):
     directly, no wrapper. With the sparsity averaged too (stage.loss's all_reduce), the result is the
     gradient of the loss on the union of the processes' batches."""
     for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        all_reduce_mean(p.grad, world)
+        if p.grad is not None:  # (None on every process alike: a protected block's routers)
+            all_reduce_mean(p.grad, world)
 
 
 def val_routing(model):
@@ -123,10 +126,6 @@ def train(stage, s, explicit):
     """Run a stage: set up, train, checkpoint, and hand over to stage.finish for the report."""
     rank, world, local = setup_ddp()
     master = rank == 0
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    device, dtype, ctx = setup_device(s.device if world == 1 or s.device != "auto" or not torch.cuda.is_available()
-                                      else f"cuda:{local}", s.dtype)
     out_dir = Path(s.out_dir)
     resume_cfg = None
     if s.resume:  # the run's own settings first: everything below is built from them
@@ -137,6 +136,10 @@ def train(stage, s, explicit):
         if resume_cfg.get("format") != stage.FORMAT:
             raise UserError(f"--resume: {out_dir} holds a {resume_cfg.get('format')} run, not a {stage.FORMAT} run")
         s = restore_settings(s, resume_cfg["settings"], explicit)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    device, dtype, ctx = setup_device(s.device if world == 1 or s.device != "auto" or not torch.cuda.is_available()
+                                      else f"cuda:{local}", s.dtype)
     if master:
         prepare_out_dir(out_dir, s.resume, s.overwrite, stage.NAME.replace(" ", "-"))
     if world > 1:
@@ -147,23 +150,25 @@ def train(stage, s, explicit):
     trainable = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "lr_scale"} for g in groups])
     lr_scales = [g.get("lr_scale", 1.0) for g in groups]
-    torch.manual_seed(s.seed + rank)  # each process draws its own noise and dropout ...
-    gen = torch.Generator().manual_seed(s.seed + rank)  # ... and its own batches
+    gen = torch.Generator()  # batches; seeded with the noise at every step (step_seed)
     start_iter = 0
+    log = JsonlLog(out_dir / "log.jsonl", enabled=master)
     if resume_cfg is not None:
         for name in stage.trained(model):
-            model.load_state_dict(read_tensors(out_dir / name, device), strict=False)
+            load_trained(model, out_dir / name, TRAINED_KEYS[name])
         state = read_resume_state(out_dir / "ckpt.pt")
         optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        gen.set_state(state["batch_rng"])
         start_iter = state["iter"]
+        # the log as it was at that step: a crash or Ctrl-C may have left lines of later steps
+        log.keep(lambda r: r["iter"] < start_iter or (r["kind"] == "val" and r["iter"] <= start_iter and not r.get("final")))
 
-    # -- data
-    data_dir = ensure_data(s.data_dir, model.tokenizer)
-    train_data = load_split(data_dir, "train", model.tokenizer)
-    windows = val_windows(load_split(data_dir, "val", model.tokenizer))
-    log = JsonlLog(out_dir / "log.jsonl", enabled=master)
+    # -- data (a bundled dataset is prepared by one process, the others wait for it)
+    if master:
+        ensure_data(s.data_dir, model.tokenizer)
+    if world > 1:
+        torch.distributed.barrier()
+    train_data = load_split(s.data_dir, "train", model.tokenizer)
+    windows = val_windows(load_split(s.data_dir, "val", model.tokenizer))
     tokens_per_step = s.batch_size * s.block_size * s.gradient_accumulation_steps * world
     if master:
         print(f"{stage.NAME}: {start} -> {out_dir} | {sum(p.numel() for p in trainable):,} parameters trainable "
@@ -182,11 +187,16 @@ def train(stage, s, explicit):
     # -- the loop
     model.train()
     t0, val_time, last = time.time(), 0.0, {}
-    done, done_rngs = start_iter, (rng_state(), gen.get_state())  # the state after the last whole step
+    done = start_iter  # the last whole step
     bar = tqdm(range(start_iter, s.max_iters), initial=start_iter, total=s.max_iters, desc=stage.NAME,
                disable=not master, dynamic_ncols=True)
     try:
         for it in bar:
+            # every step draws from its own seed: a resumed run (on any number of processes) draws
+            # the same batches, Gumbel noise and dropout as one that never stopped
+            seed = step_seed(s.seed, it, rank)
+            torch.manual_seed(seed)
+            gen.manual_seed(seed)
             lr = lr_at(it, s.max_iters, s.learning_rate, s.lr_schedule, s.warmup_steps())
             for group, scale in zip(optimizer.param_groups, lr_scales):
                 group["lr"] = lr * scale
@@ -203,7 +213,7 @@ def train(stage, s, explicit):
                 torch.nn.utils.clip_grad_norm_(trainable, s.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            done, done_rngs = it + 1, (rng_state(), gen.get_state())
+            done = it + 1
             last = {k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}
             bar.set_postfix(stage.postfix(last) | {"lr": f"{lr:.1e}"})
             if it % s.log_interval == 0:
@@ -214,12 +224,12 @@ def train(stage, s, explicit):
                 bar.write(f"step {done}: val loss {st['loss']:.3f}" + (
                     f", param sparsity {st['param_sparsity']:.3f} (attn {st['attn_skip']:.3f}, mlp {st['mlp_skip']:.3f})"
                     if "param_sparsity" in st else ""))
-                save_run(out_dir, stage, model, s, done, optimizer, done_rngs)
+                save_run(out_dir, stage, model, s, done, optimizer)
                 val_time += time.time() - t_val
     except KeyboardInterrupt:
         if master:  # an unfinished step is redone on resume: save the state after the last whole step
             optimizer.zero_grad(set_to_none=True)
-            save_run(out_dir, stage, model, s, done, optimizer, done_rngs)
+            save_run(out_dir, stage, model, s, done, optimizer)
             script = "train_stage1.py" if stage.FORMAT == "stage1" else "train_stage2.py"
             print(f"\ninterrupted after step {done}; saved. Continue with: python {script} --out_dir {out_dir} "
                   f"--resume true", file=sys.stderr)
@@ -229,12 +239,11 @@ def train(stage, s, explicit):
     if not master:
         torch.distributed.destroy_process_group()
         return None
-    save_run(out_dir, stage, model, s, done, optimizer, done_rngs)
+    save_run(out_dir, stage, model, s, done, optimizer)
 
-    # -- the stage's report, then the finished run
+    # -- the stage's report, then the finished run (config.json says "finished" last)
     model.eval()
     summary = stage.finish(model, s, windows, train_data, ctx, device, out_dir, log)
-    save_run(out_dir, stage, model, s, done, optimizer, done_rngs, final=True)
     log.write(kind="val", iter=s.max_iters, final=True, **summary["final_val"])
     plots.training_curves(log.read(), out_dir / "curves.png", stage.curves_title(model, s))
     print(f"figures: {', '.join(str(out_dir / f) for f in ['curves.png'] + summary.pop('figures', []))}")
@@ -245,6 +254,7 @@ def train(stage, s, explicit):
     achieved = tok_s * model_flops_per_token(model.args, s.block_size) * stage.passes_per_token(s)
     print(f"training: {train_time:.0f} s, {tok_s:.0f} tokens/s, ~{achieved / 1e9:.1f} GFLOP/s of model math")
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+    save_run(out_dir, stage, model, s, done, optimizer, final=True)
     if world > 1:
         torch.distributed.destroy_process_group()
     print(json.dumps(summary))

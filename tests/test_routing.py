@@ -384,3 +384,18 @@ def test_chunked_attention_of_a_long_sequence_equals_the_masked_path(kv):
     b, _, _ = model(x[:, 40:], routing=Routing(mode="force", force=force, fast=True), start_pos=40)
     model.clear_cache()
     assert (torch.cat([a, b], 1) - masked).abs().max() < 1e-4
+
+
+def test_fused_routers_decide_as_the_masked_path_under_bf16_autocast():
+    """The routers folded into the K/V matmul are used in fp32 only: under bf16 autocast the fast
+    path's decisions are the masked path's (W / w and xn round differently from W and rms_norm(x))."""
+    model = decisive_routers(routed_model())
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention_norm.weight.uniform_(0.5, 1.5)
+    model.fuse_weights()
+    x = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, masked = model(x, routing=Routing(mode="hard", offset=0.5))
+        _, _, fast = model(x, routing=Routing(mode="hard", offset=0.5, fast=True))
+    assert 0.1 < masked.mean() < 0.95 and torch.equal(masked, fast)
