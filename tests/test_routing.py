@@ -384,6 +384,15 @@ def test_chunked_attention_of_a_long_sequence_equals_the_masked_path(kv):
     b, _, _ = model(x[:, 40:], routing=Routing(mode="force", force=force, fast=True), start_pos=40)
     model.clear_cache()
     assert (torch.cat([a, b], 1) - masked).abs().max() < 1e-4
+    if kv == "keep":  # fewer scores than the whole (executing queries x keys) rectangle
+        from torch.utils.flop_counter import FlopCounterMode
+        import bench  # (registers the FLOP formula of the CPU attention kernel)
+        with FlopCounterMode(display=False) as fc:
+            model(x, routing=Routing(mode="force", force=force, fast=True))
+        attention = sum(v for op, v in fc.get_flop_counts()["Global"].items() if "attention" in str(op))
+        args = model.args
+        rectangle = sum(2 * 2 * args.n_heads * args.head_dim * int(force[l, 0].sum()) * T for l in range(3))
+        assert 0 < attention < 0.75 * rectangle
 
 
 def test_fused_routers_decide_as_the_masked_path_under_bf16_autocast():
