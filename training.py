@@ -16,9 +16,12 @@ command line wins), then the trained tensors and the optimizer as they were afte
 step. Every step seeds its batches, Gumbel noise and dropout from (seed, step, process), so a resumed
 run draws what one that never stopped would have. Ctrl-C saves that state and exits with status 130.
 """
+import contextlib
 import dataclasses
 import json
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +116,23 @@ def average_gradients(params, world):
     for p in params:
         if p.grad is not None:  # (None on every process alike: a protected block's routers)
             all_reduce_mean(p.grad, world)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Ctrl-C inside the block takes effect at its end: the weights, the optimizer state and the step
+    count a checkpoint records then always belong together."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def val_routing(model):
@@ -211,9 +231,10 @@ def train(stage, s, explicit):
                 average_gradients(trainable, world)
             if s.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, s.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = it + 1
+            with interrupts_deferred():  # a step is applied whole or not at all
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = it + 1
             last = {k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}
             bar.set_postfix(stage.postfix(last) | {"lr": f"{lr:.1e}"})
             if it % s.log_interval == 0:

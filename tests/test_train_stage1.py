@@ -144,6 +144,31 @@ def test_resume_reproduces_an_uninterrupted_run(tiny, tmp_path, monkeypatch, cap
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+def test_ctrl_c_during_the_optimizer_step_is_taken_at_its_end(tiny, tmp_path, monkeypatch):
+    """A Ctrl-C that arrives while the optimizer updates the weights waits for the update to finish:
+    the saved step count matches the saved weights, and the resumed run equals an uninterrupted one."""
+    import signal
+    common = ["--max_iters", "4", "--calibrate", "false"]
+    train_stage1.main(args_for(tiny, tmp_path / "a", *common))
+    calls, real_step = {"n": 0}, torch.optim.AdamW.step
+
+    def step_with_ctrl_c(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGINT)  # arrives in the middle of step 2's update
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_with_ctrl_c)
+    with pytest.raises(SystemExit):
+        train_stage1.main(args_for(tiny, tmp_path / "b", *common))
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["iter"] == 2  # the update it interrupted counts
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    train_stage1.main(args_for(tiny, tmp_path / "b", *common, "--resume", "true"))
+    wa = load_file(tmp_path / "a" / "routers.safetensors")
+    wb = load_file(tmp_path / "b" / "routers.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
 def test_existing_run_is_not_overwritten(tiny, tmp_path):
     train_stage1.main(args_for(tiny, tmp_path / "run", "--max_iters", "1", "--calibrate", "false"))
     before = (tmp_path / "run" / "routers.safetensors").read_bytes()
