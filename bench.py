@@ -303,7 +303,7 @@ def main(argv=None):
     print(f"bench: {model.source.get('path')} | "
           f"{'trained routers ' + str(run_dir) + ' on held-out text' if trained else 'random routing on random ids'} | "
           f"{device} {str(dtype).replace('torch.', '')} | {torch.get_num_threads()} threads | "
-          f"{a.repeats} repeats, median{' | transformers ' + __import__('transformers').__version__ if hf else ''}",
+          f"{a.repeats} repeats, median{' | transformers ' + sys.modules['transformers'].__version__ if hf else ''}",
           file=sys.stderr)
 
     results, checks = [], {}

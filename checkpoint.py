@@ -103,7 +103,7 @@ def read_tensors(path, device="cpu"):
 
 
 def read_resume_state(path):
-    """ckpt.pt of a run (optimizer, RNG states, step), or one line saying it is damaged."""
+    """ckpt.pt of a run (optimizer state, step), or one line saying it is damaged."""
     try:
         return torch.load(path, weights_only=False)
     except FileNotFoundError:
@@ -265,7 +265,7 @@ def attach_routers(model, run_path, cfg=None):
         raise UserError(f"{run_path} holds routers for base model {cfg['base']['path']} "
                         f"(fingerprint {cfg['base']['fingerprint']}), not for {model.source.get('path')}")
     model.add_routers(RouterConfig(**cfg["router"]))
-    load_trained(model, Path(run_path) / "routers.safetensors", "_router.")
+    load_trained(model, Path(run_path) / "routers.safetensors")
     model.source["routers"] = {"path": rel_to_root(run_path), "offset": cfg.get("offset", 0.0)}
     model.routing_offset = cfg.get("offset", 0.0)
     return model
@@ -286,18 +286,25 @@ def attach_lora(model, run_path, cfg):
                             f"restore that stage-1 run or train stage 2 again")
     lc = cfg["lora"]
     add_lora(model, tuple(lc["targets"]), lc["r"], lc["alpha"], lc["dropout"])
-    load_trained(model, Path(run_path) / "lora.safetensors", ("lora_A", "lora_B"))
+    load_trained(model, Path(run_path) / "lora.safetensors")
     model.source["lora"] = {"path": rel_to_root(run_path)}
     return model.eval()  # loaded for use: LoRA dropout off (model.train() turns it back on)
 
 
-def load_trained(model, path, kind):
-    """Load a run's trained tensors (routers or LoRA; names containing / ending with `kind`) into model."""
+TRAINED_FILES = {  # what a run trains, by file: whether a state-dict key belongs to it
+    "routers.safetensors": lambda key: "_router." in key,
+    "lora.safetensors": lambda key: key.endswith(("lora_A", "lora_B")),
+}
+
+
+def load_trained(model, path):
+    """Load a run's trained tensors (routers.safetensors or lora.safetensors) into model, checking
+    that the file holds every one of them and nothing else."""
+    ours = TRAINED_FILES[Path(path).name]
     weights = read_tensors(path, model.tok_embeddings.weight.device)
     try:
         result = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # shapes differ
         raise UserError(f"{path} does not match its config.json ({str(e).splitlines()[-1].strip()[:120]})")
-    ours = (lambda k: k.endswith(kind)) if isinstance(kind, tuple) else (lambda k: kind in k)
     if result.unexpected_keys or any(ours(k) for k in result.missing_keys):
         raise UserError(f"{path} does not match its config.json")

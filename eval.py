@@ -13,8 +13,9 @@
 
 What it measures, and how:
 - perplexity on the fixed validation windows of the held-out text of --data_dir (common.val_windows,
-  the same numbers train_stage1.py reports; the plays by default, data/general for general text) and on the first N LAMBADA test passages (whole passages, every
-  token after the first), plus LAMBADA's last-word accuracy (all its tokens greedy-correct);
+  the same numbers train_stage1.py reports; the plays by default, data/general for general text)
+  and on the first N LAMBADA test passages (whole passages, every token after the first), plus
+  LAMBADA's last-word accuracy (all its tokens greedy-correct);
 - zero-shot accuracy as lm-evaluation-harness scores multiple choice: each choice's log-likelihood
   is the sum of log p over its continuation tokens given its context (tokenized as the harness does;
   a model whose tokenizer has a BOS token gets it first); acc takes the argmax, acc_norm the argmax
@@ -60,12 +61,12 @@ import baselines
 import checkpoint
 import tasks
 from checkpoint import load
-from tokenizer import Tokenizer
 from common import calibration_windows, ensure_data, evaluate, load_split, parse_bool, setup_device, val_windows
 from convert import ensure_default_model
 from errors import ArgumentParser, UserError, cli
 from lora import merge_lora
 from router import Routing, block_params, calibrate_offset, module_params, routing_stats
+from tokenizer import Tokenizer
 
 DEFAULT_LIMIT = 150      # documents per task by default (the first ones, by doc_id); HellaSwag half as many
 DEFAULT_LAMBADA = 100    # LAMBADA passages by default

@@ -91,9 +91,6 @@ def restore_settings(s, saved, explicit):
                                      if k in known and k not in explicit and k not in ("resume", "overwrite")})
 
 
-TRAINED_KEYS = {"routers.safetensors": "_router.", "lora.safetensors": ("lora_A", "lora_B")}  # what each file holds
-
-
 def step_seed(seed, it, rank):
     """The random seed of step `it` on process `rank`: distinct for every (step, process)."""
     return seed + 7919 * it + 104729 * rank
@@ -175,7 +172,7 @@ def train(stage, s, explicit):
     log = JsonlLog(out_dir / "log.jsonl", enabled=master)
     if resume_cfg is not None:
         for name in stage.trained(model):
-            load_trained(model, out_dir / name, TRAINED_KEYS[name])
+            load_trained(model, out_dir / name)
         state = read_resume_state(out_dir / "ckpt.pt")
         optimizer.load_state_dict(state["optimizer"])
         start_iter = state["iter"]
