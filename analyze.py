@@ -1,16 +1,16 @@
 """Where do trained routers skip? Per-layer execution rates, execution against token position, and a
-token x layer map, on held-out plays and on general-domain text.
+token x layer map, on held-out general text, held-out plays and LAMBADA passages.
 
     python analyze.py                                   # out/stage1 (or the committed routers), its own offset
     python analyze.py --model out/stage1 --sparsity 0.4 --out_dir out/analysis-0.40
 
 Writes three PNGs to --out_dir and ends with one JSON line:
-    per_layer.png   execution rate of every attention and MLP sublayer, plays vs general text
+    per_layer.png   execution rate of every attention and MLP sublayer, one line per text
     position.png    execution rate against token position (mean over the routed blocks), the paper's
                     Figure: it found attention use rising and MLP use falling along the sequence
     routing_map.png which sublayers each token of a sample text executed
-Texts: the 40 fixed validation windows of the held-out plays (256 tokens each), and the first
-LAMBADA passages (the ones eval.py scores), joined and cut into windows of 256 tokens. Gates are
+Texts: the fixed validation windows of each --data_dir's held-out text (general English and the
+plays by default, 256 tokens each), and the first LAMBADA passages (the ones eval.py scores), joined and cut into windows of 256 tokens. Gates are
 deterministic, the fast execution path runs, every position of every window counts.
 """
 import json
@@ -28,8 +28,8 @@ from lora import merge_lora
 from eval import calibrate, calibration_sequences
 from router import Routing, routing_stats
 
-SAMPLE_TEXT = ("To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer "
-               "The slings and arrows of outrageous fortune, Or to take arms against a sea of troubles")
+SAMPLE_TEXT = ("The Eiffel Tower was built for the 1889 World's Fair in Paris. At 330 metres it was the tallest "
+               "structure in the world for forty years, and today it is the most visited monument in France.")
 
 
 def general_windows(tok, n_passages=200, block=256):
@@ -65,7 +65,7 @@ def plot_per_layer(rates, path, title):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), sharey=True)
     for ax, m, name in zip(axes, (0, 1), ("attention", "MLP")):
-        for (text, r), style in zip(rates.items(), ("o-", "s--")):
+        for (text, r), style in zip(rates.items(), ("o-", "s--", "^:", "d-.")):
             ax.plot(range(len(r[m])), r[m], style, ms=4, label=text)
         ax.set_title(f"{name}: execution rate per block"), ax.set_xlabel("block"), ax.grid(alpha=0.3)
         ax.set_ylim(-0.02, 1.02)
@@ -81,7 +81,7 @@ def plot_position(profiles, bin_size, path, title):
     import plots  # noqa: F401
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (text, (attn, mlp)), color in zip(profiles.items(), ("C0", "C1")):
+    for (text, (attn, mlp)), color in zip(profiles.items(), ("C0", "C1", "C2", "C3")):
         x = (np.arange(len(attn)) + 0.5) * bin_size
         ax.plot(x, attn, "o-", color=color, ms=4, label=f"attention, {text}")
         ax.plot(x, mlp, "s--", color=color, ms=4, label=f"MLP, {text}")
@@ -100,7 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--sparsity", type=float, default=None,
                    help="recalibrate the offset to skip this share of block parameters on task text (as eval.py)")
     p.add_argument("--text", default=SAMPLE_TEXT, help="the sample text of the routing map")
-    p.add_argument("--data_dir", default="data/shakespeare", help="held-out plays (val.bin)")
+    p.add_argument("--data_dir", nargs="+", default=["data/general", "data/shakespeare"],
+                   help="held-out text of each (val.bin), a line per directory in the figures")
     p.add_argument("--out_dir", default="out/analysis", help="where the PNGs go")
     p.add_argument("--bin", type=int, default=16, help="token positions per bin of the position profile")
     p.add_argument("--device", default="auto")
@@ -128,8 +129,8 @@ def main(argv=None):
     if a.sparsity is not None:
         print(f"calibrating the offset to skip {a.sparsity} of block parameters on general text ...")
         offset = calibrate(model, calibration_sequences(tok, model.args.max_seq_len), a.sparsity, ctx)
-    texts = {"held-out plays": val_windows(load_split(ensure_data(a.data_dir, tok), "val", tok)),
-             "LAMBADA (general)": general_windows(tok)}
+    texts = {f"held-out {Path(d).name}": val_windows(load_split(ensure_data(d, tok), "val", tok)) for d in a.data_dir}
+    texts["LAMBADA"] = general_windows(tok)
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     first = model.router_cfg.protect_first

@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from baselines import blocks_for_param_sparsity, remove_blocks
 from checkpoint import load, read_config
-from common import ensure_data, load_split, parse_bool, val_windows
+from common import ensure_data, load_split, parse_bool, sync, val_windows
 from convert import ensure_default_model
 from errors import ArgumentParser, UserError, cli
 from lora import merge_lora
@@ -90,11 +90,6 @@ def skip_prob_for(args, param_sparsity, kv="keep"):
     if p > 1:
         raise UserError(f"sparsity {param_sparsity} is out of reach with K/V kept (max {(wa + wm) / block_params(args):.3f})")
     return p
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -263,7 +258,7 @@ def run_floor(mats, steps, device):
 def held_out_text(run_dir, model, n, length):
     """n windows of `length` tokens of the held-out text of the data the routers were trained on."""
     settings = read_config(run_dir).get("settings", {})
-    data_dir = ensure_data(settings.get("data_dir", "data/shakespeare"), model.tokenizer)
+    data_dir = ensure_data(settings.get("data_dir", "data/general"), model.tokenizer)
     return val_windows(load_split(data_dir, "val", model.tokenizer), n=n, block=length)[:, :length]
 
 

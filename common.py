@@ -1,7 +1,7 @@
 """Plumbing shared by the training loop and the tools: settings, devices, DDP, data, validation, runs.
 
 The validation protocol (used by every tool, so the same model shows the same perplexity
-everywhere): VAL_WINDOWS windows of VAL_BLOCK tokens, evenly spaced over the held-out plays'
+everywhere): VAL_WINDOWS windows of VAL_BLOCK tokens, evenly spaced over the held-out text's
 tokens (val.bin), each scored on all its next-token predictions. No random sampling.
 """
 import argparse
@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import assets
+from checkpoint import atomic_write_text
 from errors import ArgumentParser, UserError
 from router import block_params, routing_stats
 
@@ -197,18 +199,35 @@ def evaluate(model, windows, routing_factory=None, batch_size=8, ctx=contextlib.
     return out
 
 
-def dense_val_loss(model, windows, ctx, device, cache_dir):
-    """The dense model's validation loss, cached beside the data (it is the same for every run)."""
-    key = f"{model.source.get('fingerprint')}-{hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:12]}"
-    cache = Path(cache_dir) / "dense_val_cache.json"
-    table = json.loads(cache.read_text()) if cache.exists() else {}
+def cached_reference(cache_dir, name, model, tensors, compute):
+    """compute() once per (name, base model, tensors' values), kept in cache_dir/reference_cache.json:
+    for the references every run on the same base and data shares (the dense model's and ShortGPT's
+    validation loss). A model without a fingerprint (built in memory) is never cached."""
+    fingerprint = model.source.get("fingerprint")
+    if fingerprint is None:
+        return compute()
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.cpu().numpy().tobytes())
+    key = f"{name}-{fingerprint}-{digest.hexdigest()[:12]}"
+    cache = Path(cache_dir) / "reference_cache.json"
+    try:
+        table = json.loads(cache.read_text()) if cache.exists() else {}
+    except (OSError, ValueError):
+        table = {}  # a damaged cache only costs the recomputation
     if key not in table:
-        table[key] = evaluate(model, windows, None, ctx=ctx, device=device)
+        table[key] = compute()
         try:
-            cache.write_text(json.dumps(table, indent=1))
+            atomic_write_text(cache, json.dumps(table, indent=1))
         except OSError:
             pass  # a read-only data directory only costs the recomputation
     return table[key]
+
+
+def dense_val_loss(model, windows, ctx, device, cache_dir):
+    """The dense model's validation loss (cached beside the data: it is the same for every run)."""
+    return cached_reference(cache_dir, "dense", model, [windows],
+                            lambda: evaluate(model, windows, None, ctx=ctx, device=device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,6 +288,28 @@ def prepare_out_dir(out_dir, resume, overwrite, what):
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
+
+
+def sync(device):
+    """Wait for the device's queued work (CUDA runs asynchronously), so a timer measures it."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_flops_per_s(device, dtype_name, n=1024, repeats=5):
+    """FLOP/s of one large square matmul here, now (median of a few), in the run's dtype: what the
+    hardware gives plain dense math at this moment, the yardstick for a training run's model FLOP/s on
+    a shared machine."""
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype_name))
+    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype_name))
+    times = []
+    for _ in range(repeats + 1):  # the first one warms up
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / sorted(times[1:])[repeats // 2]
 
 
 def model_flops_per_token(args, seq_len):

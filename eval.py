@@ -12,8 +12,8 @@
     python eval.py --full                               # every document and passage (hours on a CPU)
 
 What it measures, and how:
-- perplexity on the fixed validation windows of the held-out text of --data_dir (common.val_windows,
-  the same numbers train_stage1.py reports; the plays by default, data/general for general text)
+- perplexity on the fixed validation windows of the held-out text of every --data_dir (common.val_windows,
+  the same numbers train_stage1.py reports: general English and the plays by default)
   and on the first N LAMBADA test passages (whole passages, every token after the first), plus
   LAMBADA's last-word accuracy (all its tokens greedy-correct);
 - zero-shot accuracy as lm-evaluation-harness scores multiple choice: each choice's log-likelihood
@@ -25,8 +25,8 @@ What it measures, and how:
   thread); --limit 200 gives 200 and 100;
 - routing sparsity on all of the evaluation text, with deterministic gates (the run's calibrated
   offset), counting every token the model actually processed; for a static baseline, what it removed.
-  A run's offset was calibrated on its training text (Shakespeare); routing depends on the text, and
-  the same offset skips less of general-domain text, and less of short texts (the first tokens of a
+  A run's offset was calibrated on its training text; routing depends on the text, so the same
+  offset skips a different share of other text, and less of short texts (the first tokens of a
   sequence execute more). --sparsity S recalibrates the offset on text like the evaluation's but
   never scored by it (the last documents of every task, each from its first token, and the last
   LAMBADA passages) so that the routers skip S of the block parameters there: the knob that trades
@@ -393,7 +393,7 @@ def build(a, path, base_path, device, ctx):
                                 f"or a value: --match_sparsity S; {path} has no routers")
             offset = routed.routing_offset
             print(f"measuring {path}'s parameter sparsity on calibration text (deterministic gates) ...")
-            st = evaluate(routed, calibration_text(a.data_dir, routed.tokenizer),
+            st = evaluate(routed, calibration_text(a.data_dir[0], routed.tokenizer),
                           lambda: Routing(mode="hard", offset=offset), ctx=ctx, device=device)
             matched = {"param_sparsity": st["param_sparsity"], "source": checkpoint.rel_to_root(path)}
             del routed
@@ -405,7 +405,7 @@ def build(a, path, base_path, device, ctx):
         n_blocks = baselines.blocks_for_param_sparsity(model.args.n_layers, matched["param_sparsity"])
     if max(n_blocks, n_attention) >= model.args.n_layers:
         raise UserError(f"{base_path} has {model.args.n_layers} blocks; remove fewer than that")
-    windows = calibration_text(a.data_dir, model.tokenizer)
+    windows = calibration_text(a.data_dir[0], model.tokenizer)
     base_label = checkpoint.rel_to_root(base_path)
     if n_attention:
         pruned, dropped, _ = baselines.attention_drop(model, windows, n_attention)
@@ -522,7 +522,9 @@ def parse_args(argv=None):
     p.add_argument("--knowledge", type=parse_bool, default=True, metavar="BOOL",
                    help="greedy answers to tasks.KNOWLEDGE's factual prompts: the share a model keeps (default: true)")
     p.add_argument("--full", action="store_true", help="every document of every task and every LAMBADA passage (but the calibration ones)")
-    p.add_argument("--data_dir", default="data/shakespeare", help="validation windows (val.bin) and calibration text (train.bin)")
+    p.add_argument("--data_dir", nargs="+", default=["data/general", "data/shakespeare"],
+                   help="held-out text for perplexity, each one's val.bin; the first one's train.bin calibrates the "
+                        "static baselines")
     p.add_argument("--batch_tokens", type=int, default=512,
                    help="about this many tokens per forward (documents and passages are grouped to fit; "
                         "larger batches were slower on 1-2 CPU threads)")
@@ -562,7 +564,8 @@ def main(argv=None):
     t_start, c_start = time.time(), time.process_time()
     path = Path(a.model) if a.model else ensure_default_model()
     base_path = base_of(path)
-    ensure_data(a.data_dir, Tokenizer.load(base_path))  # a bundled dataset is prepared once (static baselines calibrate on it)
+    for data_dir in a.data_dir:  # a bundled dataset is prepared once (static baselines calibrate on the first)
+        ensure_data(data_dir, Tokenizer.load(base_path))
     model, label, routing_factory, info = build(a, path, base_path, device, ctx)
     tok = model.tokenizer
     if tok is None:
@@ -570,16 +573,18 @@ def main(argv=None):
     print(f"evaluating {label} on {device} ({dtype}, {torch.get_num_threads()} threads)")
     times, parts, result_tasks = {}, {}, {}
 
-    # -- perplexity on the held-out text of --data_dir (named after it: "shakespeare", "general", ...)
-    held_out = Path(a.data_dir).name
-    with timed(times, held_out):
-        windows = val_windows(load_split(a.data_dir, "val", tok))
-        st = evaluate(model, windows, routing_factory, batch_size=max(1, a.batch_tokens // windows.shape[1]),
-                      ctx=ctx, device=device, progress=lambda it: tqdm(it, desc=held_out, leave=False))
-        ppl = {held_out: st["ppl"]}
-        parts[held_out] = SkipCounter()
-        if routing_factory:
-            parts[held_out].add_rates(st, windows[:, 1:].numel())
+    # -- perplexity on the held-out text of every --data_dir (named after it: "general", "shakespeare", ...)
+    ppl, n_windows = {}, {}
+    for data_dir in a.data_dir:
+        held_out = Path(data_dir).name
+        with timed(times, held_out):
+            windows = val_windows(load_split(data_dir, "val", tok))
+            st = evaluate(model, windows, routing_factory, batch_size=max(1, a.batch_tokens // windows.shape[1]),
+                          ctx=ctx, device=device, progress=lambda it: tqdm(it, desc=held_out, leave=False))
+            ppl[held_out], n_windows[held_out] = st["ppl"], (len(windows), windows.shape[1] - 1)
+            parts[held_out] = SkipCounter()
+            if routing_factory:
+                parts[held_out].add_rates(st, windows[:, 1:].numel())
 
     # -- LAMBADA passages
     n_lambada = None if a.full else a.lambada
@@ -628,7 +633,8 @@ def main(argv=None):
     # -- report
     print(f"\n### {label}\n")
     print(f"| | value |\n|---|---|")
-    print(f"| perplexity, held-out {held_out} text ({len(windows)} x {windows.shape[1] - 1} tokens) | {ppl[held_out]:.2f} |")
+    for held_out, (n, length) in n_windows.items():
+        print(f"| perplexity, held-out {held_out} text ({n} x {length} tokens) | {ppl[held_out]:.2f} |")
     if "lambada" in ppl:
         print(f"| perplexity, LAMBADA ({lam['n']} passages, {lam['tokens']} tokens) | {ppl['lambada']:.2f} |")
         print(f"| LAMBADA last-word accuracy | {lam['acc']:.3f} |")

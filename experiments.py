@@ -16,8 +16,8 @@ results (out/results/):
   rows      dense; dense + LoRA; SkipGPT stage 1 at 25% and 40% of block parameters; stage 1 + LoRA
             at 25%; ShortGPT and attention drop at the sparsity SkipGPT reached on the evaluation text
             (attention drop on the module count where parameters are out of its reach).
-  sparsity  the routers were tuned on Shakespeare, the tasks are general text: eval.py --sparsity S
-            recalibrates each routed model's offset on general text (held-out LAMBADA passages).
+  sparsity  eval.py --sparsity S recalibrates each routed model's offset on text like the evaluation's
+            (held-out task documents and LAMBADA passages), so rows compare at the sparsity named.
   curve     the default stage-1 routers at several sparsities beside ShortGPT at the same ones:
             quality_vs_sparsity.png, the headline figure.
   speed     prefill of 512 tokens of general text (LAMBADA), every model's own routing on the fast path.
@@ -28,7 +28,7 @@ ablations (out/ablations/, quick: out/ablations-quick/):
   summary; zero-shot and LAMBADA on the default subsets for the default, joint and two-stage rows
   and for rows whose perplexity differs from the default row's by more than ZERO_SHOT_PPL_RATIO
   (smaller differences do not show above the zero-shot noise), none in --quick form; speed as
-  above, on held-out plays text (where the rows' sparsity was measured).
+  above, on held-out general text (where the rows' sparsity was measured).
 """
 import json
 import math
@@ -212,16 +212,16 @@ def study_results(a):
 
     # -- the table
     dense_avg = results["dense"]["avg_acc"]
-    lines = ["| model | param sparsity (attn / MLP skip) | plays ppl | LAMBADA ppl | "
+    lines = ["| model | param sparsity (attn / MLP skip) | general ppl | plays ppl | LAMBADA ppl | "
              + " | ".join(tasks.TASKS) + " | avg acc (% of dense) | prefill speedup |",
-             "|---" * (len(tasks.TASKS) + 6) + "|"]
+             "|---" * (len(tasks.TASKS) + 7) + "|"]
     for name, label, _ in rows:
         if name not in results:
             lines.append(f"| {label} | (failed: see {d / 'logs' / (name + '.log')}) |")
             continue
         r, sp = results[name], results[name]["sparsity"]
         lines.append(f"| {label} | {sp['param_sparsity']:.3f} ({sp['attn_skip']:.2f} / {sp['mlp_skip']:.2f}) | "
-                     f"{r['ppl']['shakespeare']:.1f} | {r['ppl']['lambada']:.1f} | "
+                     f"{r['ppl']['general']:.1f} | {r['ppl']['shakespeare']:.1f} | {r['ppl']['lambada']:.1f} | "
                      + " | ".join(f"{r['tasks'][t]['acc']:.3f}" for t in tasks.TASKS)
                      + f" | {r['avg_acc']:.3f} ({r['avg_acc'] / dense_avg:.0%}) | {speeds[name][1]:.2f}x |")
     n = {t: results["dense"]["tasks"][t]["n"] for t in tasks.TASKS}
@@ -314,8 +314,8 @@ def study_ablations(a):
     if "default" not in summaries:
         raise UserError(f"the default row failed; see {d / 'logs'}")
 
-    # -- zero-shot where it can show something: the default, the two rows with LoRA (fine-tuning on the plays
-    #    moves general-text quality, which the plays' perplexity cannot show), and rows far from the default
+    # -- zero-shot where it can show something: the default, the two rows with LoRA (fine-tuning moves
+    #    task quality in ways perplexity need not show), and rows far from the default
     ref = summaries["default"]["val_ppl_routed"]
     zero_shot = [row for row, s in summaries.items() if not a.quick and
                  (row in ("default", "joint", "two-stage")
@@ -328,9 +328,9 @@ def study_ablations(a):
     failed |= run_jobs(evals, a.jobs, d / "logs")
 
     # -- speed on held-out text, each run's own routing on the fast path
-    print(f"measuring speed (prefill of 512 held-out tokens, 2 threads, interleaved, median of {SPEED_REPEATS}) ...")
+    print(f"measuring speed (prefill of 512 held-out general tokens, 2 threads, interleaved, median of {SPEED_REPEATS}) ...")
     models = {"dense": timed_model(assets.DEFAULT_MODEL_DIR)}
-    text = val_windows(load_split("data/shakespeare", "val", models["dense"][0].tokenizer), n=1, block=512)[:, :512]
+    text = val_windows(load_split("data/general", "val", models["dense"][0].tokenizer), n=1, block=512)[:, :512]
     models |= {row: timed_model(run_dir[row]) for row in summaries}
     speeds = bench.prefill_speedups(models, text, repeats=SPEED_REPEATS)
 
@@ -375,7 +375,7 @@ def plot_ablations(summaries, speeds, ref, path, quick):
     rows = list(summaries)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
     y = range(len(rows))
-    for ax, values, xlabel in ((axes[0], [summaries[r]["val_ppl_routed"] for r in rows], "val perplexity (held-out plays)"),
+    for ax, values, xlabel in ((axes[0], [summaries[r]["val_ppl_routed"] for r in rows], "val perplexity (held-out general text)"),
                                (axes[1], [summaries[r]["val_param_sparsity"] for r in rows], "param sparsity (val)"),
                                (axes[2], [speeds[r][1] for r in rows], "prefill-512 speedup vs dense")):
         ax.barh(y, values, color=["C1" if r == "default" else "C0" for r in rows])

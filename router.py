@@ -243,16 +243,40 @@ def routing_stats(gates, args, kv="keep", valid=None):
 
 
 @torch.no_grad()
-def calibrate_offset(skip_params_fn, target, lo=-30.0, hi=30.0, iters=40):
-    """The logit offset at which deterministic routing skips `target` of the block parameters.
+def calibrate_offset(skip_params_fn, target, lo=-30.0, hi=30.0, iters=40, tol=0.002):
+    """The logit offset in [lo, hi] at which deterministic routing skips `target` of the block parameters.
 
-    skip_params_fn(offset) -> parameter sparsity on calibration text at that offset; it falls as
-    the offset grows (a larger offset executes more), so bisection finds the crossing.
+    skip_params_fn(offset) -> parameter sparsity on calibration text at that offset; it falls as the
+    offset grows (a larger offset executes more). Each call is a pass over the calibration text, so
+    the search spends few: it starts at 0, where trained routers already skip about their target,
+    steps outwards (doubling) until the crossing is bracketed, then interpolates inside the bracket
+    (regula falsi, Illinois variant). It stops at the first offset that skips within tol of the target,
+    or after iters calls with the offset that came nearest.
     """
+    below, above = None, None  # (offset, excess) that skip too much (offset too low) / too little
+    x, step, kept, best = min(max(0.0, lo), hi), 0.5, None, None
     for _ in range(iters):
-        mid = (lo + hi) / 2
-        if skip_params_fn(mid) > target:
-            lo = mid
+        excess = skip_params_fn(x) - target
+        if best is None or abs(excess) < best[1]:
+            best = (x, abs(excess))
+        if abs(excess) <= tol:
+            return x
+        if excess > 0:
+            below = (x, excess)
+            if kept == "above":  # the same end survived twice: halve its weight (Illinois), or it stalls
+                above = (above[0], above[1] / 2)
+            kept = "above" if above else None
         else:
-            hi = mid
-    return (lo + hi) / 2
+            above = (x, excess)
+            if kept == "below":
+                below = (below[0], below[1] / 2)
+            kept = "below" if below else None
+        if below is None or above is None:  # not bracketed yet: step outwards
+            nxt = min(x + step, hi) if excess > 0 else max(x - step, lo)
+            if nxt == x:
+                return x  # the target is out of reach within [lo, hi]: the nearest bound
+            x, step = nxt, step * 2
+        else:
+            (xb, fb), (xa, fa) = below, above
+            x = xb + (xa - xb) * fb / (fb - fa)
+    return best[0]

@@ -1,6 +1,7 @@
 """Stage 1 of SkipGPT: tune the routers of a frozen model to skip a target share of its work.
 
-    python train_stage1.py                                   # SmolLM2-135M on Shakespeare, 25% of block params, ~10 min on a CPU
+    python train_stage1.py                                   # SmolLM2-135M on general English, 25% of block params, ~10 min on a CPU
+    python train_stage1.py --data_dir data/shakespeare --out_dir out/stage1-plays   # on the plays (the in-domain case)
     python train_stage1.py --target_sparsity 0.4 --out_dir out/stage1-t0.40
     python train_stage1.py --recipe paper --out_dir out/stage1-paper   # the paper's literal recipe (collapses in a short run)
     python train_stage1.py --resume true                     # continue an interrupted run
@@ -133,7 +134,7 @@ def distill_loss(logits, teacher_logits):
 def calibrate(model, windows, target, weighting, ctx, device):
     """Offset so deterministic routing skips `target` (params or modules) on the calibration text."""
     def measure(offset):
-        st = evaluate(model, windows, lambda: Routing(mode="hard", offset=offset), ctx=ctx, device=device)
+        st = evaluate(model, windows, lambda: Routing(mode="hard", offset=offset, fast=True), ctx=ctx, device=device)
         return st["param_sparsity"] if weighting == "params" else st["module_sparsity"]
     return calibrate_offset(measure, target, lo=-8.0, hi=8.0, iters=12)
 
@@ -220,9 +221,9 @@ class Stage:
         print(f"validating on {len(windows)} fixed validation windows (deterministic gates) ...")
         with lora.disabled(model):  # the references are the base model (a joint run's LoRA off)
             dense = dense_val_loss(model, windows, ctx, device, s.data_dir)
-        routed = evaluate(model, windows, lambda: Routing(mode="hard", offset=offset), ctx=ctx, device=device)
+        routed = evaluate(model, windows, lambda: Routing(mode="hard", offset=offset, fast=True), ctx=ctx, device=device)
         with lora.disabled(model):
-            short, n_blocks = shortgpt_matched(model, calib, windows, routed["param_sparsity"], ctx, device)
+            short, n_blocks = shortgpt_matched(model, calib, windows, routed["param_sparsity"], ctx, device, s.data_dir)
         sampled = None
         if s.val_sampled:  # the authors' evaluation: Gumbel sampling at tau 1, fixed seed for a reproducible figure
             torch.manual_seed(s.seed)

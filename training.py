@@ -33,7 +33,7 @@ import plots
 from checkpoint import (RUN_VERSION, atomic_save_tensors, atomic_torch_save, atomic_write_text, base_reference,
                         check_run_version, load_trained, read_config, read_resume_state)
 from common import (JsonlLog, VAL_WINDOWS, all_reduce_mean, ensure_data, evaluate, get_batch, load_split, lr_at,
-                    model_flops_per_token, prepare_out_dir, setting, setup_ddp, setup_device, val_windows)
+                    matmul_flops_per_s, model_flops_per_token, prepare_out_dir, setting, setup_ddp, setup_device, val_windows)
 from errors import UserError
 from router import Routing
 
@@ -43,7 +43,7 @@ class TrainSettings:
     """What every training run has; a stage's Settings add its own fields and may change defaults."""
     # -- what and where
     out_dir: str = setting("out/run", "run directory (trained weights, settings, log, figures)")
-    data_dir: str = setting("data/shakespeare", "directory with train.bin / val.bin / meta.json")
+    data_dir: str = setting("data/general", "directory with train.bin / val.bin / meta.json (data/shakespeare: the plays)")
     resume: bool = setting(False, "continue the run in out_dir from its last checkpoint")
     overwrite: bool = setting(False, "replace an existing run in out_dir")
     # -- optimization
@@ -136,7 +136,7 @@ def val_routing(model):
     """Validation always routes deterministically, at the model's offset (none for a dense model)."""
     if model.router_cfg is None:
         return None
-    return lambda: Routing(mode="hard", offset=model.routing_offset)
+    return lambda: Routing(mode="hard", offset=model.routing_offset, fast=True)  # the fast path: same result, less work
 
 
 def train(stage, s, explicit):
@@ -270,7 +270,11 @@ def train(stage, s, explicit):
     summary |= {"train_seconds": round(train_time, 1), "train_tokens_per_s": round(tok_s, 1), "out_dir": str(out_dir)}
     # model math done per second: forward and backward passes of the activations (the stage says how many)
     achieved = tok_s * model_flops_per_token(model.args, s.block_size) * stage.passes_per_token(s)
-    print(f"training: {train_time:.0f} s, {tok_s:.0f} tokens/s, ~{achieved / 1e9:.1f} GFLOP/s of model math")
+    yardstick = matmul_flops_per_s(device, dtype)  # the same process, now: the machine's speed of the moment
+    print(f"training: {train_time:.0f} s, {tok_s:.0f} tokens/s, ~{achieved / 1e9:.1f} GFLOP/s of model math "
+          f"= {achieved / yardstick:.0%} of a 1024x1024 matmul's {yardstick / 1e9:.0f} GFLOP/s here")
+    summary |= {"train_model_gflops": round(achieved / 1e9, 2), "matmul_gflops": round(yardstick / 1e9, 1),
+                "train_flops_share": round(achieved / yardstick, 3)}
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     save_run(out_dir, stage, model, s, done, optimizer, final=True)
     if world > 1:

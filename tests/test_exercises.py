@@ -109,7 +109,7 @@ def test_analyze_runs(tiny, tiny_stage1, tmp_path, monkeypatch, capsys):
     result = analyze.main(["--model", str(tiny_stage1), "--data_dir", str(tiny[1]), "--out_dir", str(tmp_path),
                            "--text", "to be or not to be", "--threads", "1"])
     assert all((tmp_path / f).exists() for f in ("per_layer.png", "position.png", "routing_map.png"))
-    plays = result["texts"]["held-out plays"]
+    plays = result["texts"][f"held-out {tiny[1].name}"]
     assert len(plays["attn_exec_by_position"]) == 256 // 16 and 0 <= plays["param_sparsity"] <= 1
 
 

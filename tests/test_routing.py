@@ -1,5 +1,7 @@
 """SkipGPT routing: the gate, the sparsity loss, the masked reference path and the fast path."""
 
+import math
+
 import pytest
 import torch
 
@@ -408,3 +410,23 @@ def test_fused_routers_decide_as_the_masked_path_under_bf16_autocast():
         _, _, masked = model(x, routing=Routing(mode="hard", offset=0.5))
         _, _, fast = model(x, routing=Routing(mode="hard", offset=0.5, fast=True))
     assert 0.1 < masked.mean() < 0.95 and torch.equal(masked, fast)
+
+
+def test_offset_search_spends_few_passes_and_stays_in_bounds():
+    # each call of the measure is a pass over the calibration text: a smooth falling sparsity curve is
+    # solved to the tolerance in at most 9 calls (bisection over [-8, 8] needs 12 for 0.004 of offset)
+    for center in (-3.0, 0.3, 2.0, 6.0):
+        for target in (0.1, 0.25, 0.4):
+            calls = []
+
+            def measure(offset):
+                calls.append(offset)
+                return 0.6 / (1 + math.exp(1.5 * (offset - center)))
+            offset = calibrate_offset(measure, target, lo=-8, hi=8, iters=12)
+            assert abs(measure(offset) - target) <= 0.002 and len(calls) <= 10
+            assert all(-8 <= c <= 8 for c in calls)
+    # a target out of reach gives the nearest bound; a staircase (few tokens) the nearest step
+    assert calibrate_offset(lambda o: 0.9, 0.25, lo=-8, hi=8) == 8
+    assert calibrate_offset(lambda o: 0.0, 0.25, lo=-8, hi=8) == -8
+    stairs = lambda o: round(0.5 / (1 + math.exp(o)), 2)
+    assert stairs(calibrate_offset(stairs, 0.253, lo=-8, hi=8, iters=12)) == pytest.approx(0.25)
