@@ -47,19 +47,6 @@ def block_influence(model, windows):
     return 1 - similarities(model, windows)[0]
 
 
-def remove_blocks(model, drop):
-    """A copy of the model without the blocks in `drop` (weights shared, not copied)."""
-    pruned = copy.copy(model)          # shallow: shares every tensor with the original
-    nn.Module.__init__(pruned)         # fresh module registry, filled below
-    for name, module in model.named_children():
-        setattr(pruned, name, module)
-    pruned.layers = nn.ModuleList(layer for i, layer in enumerate(model.layers) if i not in set(drop))
-    pruned.args = copy.copy(model.args)
-    pruned.args.n_layers = len(pruned.layers)
-    pruned.removed_blocks = sorted(drop)
-    return pruned
-
-
 class NoAttention(nn.Module):
     """Stands in for a removed attention sublayer: contributes nothing, costs nothing."""
 
@@ -69,7 +56,7 @@ class NoAttention(nn.Module):
 
 def drop_attention(model, drop):
     """A copy of the model whose blocks in `drop` have no attention sublayer."""
-    pruned = remove_blocks(model, [])
+    pruned = model.without_blocks([])
     layers = []
     for i, layer in enumerate(model.layers):
         if i in set(drop):
@@ -88,7 +75,7 @@ def shortgpt(model, windows, n_blocks):
     """Remove the n_blocks lowest-BI blocks. -> (pruned model, removed block indices, BI)."""
     bi = block_influence(model, windows)
     drop = bi.argsort()[:n_blocks].tolist()
-    return remove_blocks(model, drop), sorted(drop), bi
+    return model.without_blocks(drop), sorted(drop), bi
 
 
 def attention_drop(model, windows, n_modules):

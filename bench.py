@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-from baselines import blocks_for_param_sparsity, remove_blocks
+from baselines import blocks_for_param_sparsity
 from checkpoint import load, read_config
 from common import ensure_data, load_split, parse_bool, sync, val_windows
 from convert import ensure_default_model
@@ -325,7 +325,7 @@ def main(argv=None):
                 n = blocks_for_param_sparsity(args.n_layers, s)
                 if n > 0:  # ShortGPT at the nearest block count (which blocks does not change the speed)
                     drop = list(range(args.n_layers // 2 - n // 2, args.n_layers // 2 - n // 2 + n))
-                    variants[f"shortgpt@{s}"] = (remove_blocks(model, drop), lambda: None, n / args.n_layers)
+                    variants[f"shortgpt@{s}"] = (model.without_blocks(drop), lambda: None, n / args.n_layers)
         if hf is not None:
             variants["transformers"] = ("hf", None, 0.0)
         if reg["kind"] == "decode" and B == 1:

@@ -253,6 +253,8 @@ def _load(path, device):
         if stage1 is not None and not stage1.exists():
             raise UserError(f"{path} was trained on the stage-1 run {cfg['stage1']['path']}, which is not there")
         model = _load(stage1 if stage1 is not None else find_base(cfg["base"], path), device)
+        if cfg.get("removed_blocks"):  # the static control: LoRA on ShortGPT's pruned model
+            model = model.without_blocks(cfg["removed_blocks"])
         attach_lora(model, path, cfg)
         return model
     raise UserError(f"{path}/config.json has unknown format {fmt!r}")

@@ -47,6 +47,7 @@ References:
 - LAMBADA: Paperno et al. 2016, arXiv 1606.06031; ShortGPT: Men et al. 2024, arXiv 2403.03853
 """
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -269,15 +270,41 @@ def choice_length(continuation):
 
 
 def eval_task(model, tok, docs, routing_factory=None, counter=None, batch_tokens=512, desc=None):
+    """-> acc, acc_norm, n, the majority class's share of the labels (what always answering it scores),
+    and every document's outcome (0/1, in the documents' order) for paired comparisons between models."""
     pairs = [doc_pairs(tok, d, model.args.max_seq_len) for d in docs]
-    acc = acc_norm = 0.0
+    correct, correct_norm = [0] * len(docs), [0] * len(docs)
     with tqdm(total=len(docs), desc=desc, leave=False, dynamic_ncols=True) as bar:
         for batch in plan_batches(pairs, batch_tokens):
             for i, lls in zip(batch, score_batch(model, [pairs[i] for i in batch], routing_factory, counter)):
-                a, an = choose(lls, [choice_length(c) for c in docs[i].continuations], docs[i].label)
-                acc, acc_norm = acc + a, acc_norm + an
+                correct[i], correct_norm[i] = map(int, choose(lls, [choice_length(c) for c in docs[i].continuations],
+                                                              docs[i].label))
             bar.update(len(batch))
-    return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs), "n": len(docs)}
+    labels = [d.label for d in docs]
+    return {"acc": sum(correct) / len(docs), "acc_norm": sum(correct_norm) / len(docs), "n": len(docs),
+            "majority": max(map(labels.count, set(labels))) / len(docs), "correct": correct, "correct_norm": correct_norm}
+
+
+def harness_average(result_tasks):
+    """The average over tasks of the metric lm-evaluation-harness reports for each (tasks.HARNESS_METRIC)."""
+    return sum(r[tasks.HARNESS_METRIC[t]] for t, r in result_tasks.items()) / len(result_tasks)
+
+
+def paired_difference(a, b):
+    """Model a's harness average minus model b's on the same documents, and the standard error of that
+    difference from the per-document paired outcomes: sqrt(sum over tasks of var(a_i - b_i) / n) / tasks.
+    a, b: eval.py results ("tasks" with per-document outcomes). -> (difference, standard error)"""
+    diffs, var = [], 0.0
+    for t, ra in a["tasks"].items():
+        key = "correct" if tasks.HARNESS_METRIC[t] == "acc" else "correct_norm"
+        da, db = ra[key], b["tasks"][t][key]
+        if len(da) != len(db):
+            raise UserError(f"{t}: the two results scored {len(da)} and {len(db)} documents; compare the same documents")
+        d = [x - y for x, y in zip(da, db)]
+        mean = sum(d) / len(d)
+        diffs.append(mean)
+        var += sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1) / len(d)
+    return sum(diffs) / len(diffs), math.sqrt(var) / len(diffs)
 
 
 @torch.no_grad()
@@ -370,6 +397,11 @@ def build(a, path, base_path, device, ctx):
     if not static_baseline(a):
         model = merge_lora(load(path, device=device)).fuse_weights()  # inference: LoRA folded in, fused matmuls
         label = checkpoint.rel_to_root(path)
+        if model.router_cfg is None and getattr(model, "removed_blocks", None):  # train_stage2.py --shortgpt N
+            removed = model.removed_blocks
+            full = dataclasses.replace(model.args, n_layers=model.args.n_layers + len(removed))
+            return model, label, None, {"kind": "shortgpt+lora", "removed_blocks": removed,
+                                        "static_sparsity": static_sparsity(full, removed_blocks=removed)}
         if model.router_cfg is None:
             return model, label, None, {"kind": "dense"}
         info = {"kind": "routed", "offset": model.routing_offset}
@@ -628,6 +660,7 @@ def main(argv=None):
         by_part = None
     avg = sum(r["acc"] for r in result_tasks.values()) / len(result_tasks) if result_tasks else None
     avg_norm = sum(r["acc_norm"] for r in result_tasks.values()) / len(result_tasks) if result_tasks else None
+    avg_harness = harness_average(result_tasks) if result_tasks else None
     seconds = time.time() - t_start
 
     # -- report
@@ -641,15 +674,16 @@ def main(argv=None):
     print(f"| sparsity: attention / MLP skip | {sparsity['attn_skip']:.3f} / {sparsity['mlp_skip']:.3f} |")
     print(f"| sparsity: modules / block parameters | {sparsity['module_sparsity']:.3f} / {sparsity['param_sparsity']:.3f} |")
     if result_tasks:
-        print(f"\n| task | n | acc | acc_norm |\n|---|---|---|---|")
+        print(f"\n| task | n | acc | acc_norm | harness metric | majority class |\n|---|---|---|---|---|---|")
         for name, r in result_tasks.items():
-            print(f"| {name} | {r['n']} | {r['acc']:.3f} | {r['acc_norm']:.3f} |")
-        print(f"| **average** | | **{avg:.3f}** | **{avg_norm:.3f}** |")
+            print(f"| {name} | {r['n']} | {r['acc']:.3f} | {r['acc_norm']:.3f} | {tasks.HARNESS_METRIC[name]} | "
+                  f"{r['majority']:.3f} |")
+        print(f"| **average** | | **{avg:.3f}** | **{avg_norm:.3f}** | **{avg_harness:.3f}** | |")
     print(f"\n{seconds:.0f} s in all ({time.process_time() - c_start:.0f} s of CPU time): "
           + ", ".join(f"{k} {wall:.0f} s" for k, (wall, _) in times.items()))
     result = {"model": label, "kind": info["kind"], "ppl": ppl,
               "lambada_acc": lam["acc"] if "lambada" in ppl else None, "knowledge": known,
-              "tasks": result_tasks, "avg_acc": avg, "avg_acc_norm": avg_norm,
+              "tasks": result_tasks, "avg_acc": avg, "avg_acc_norm": avg_norm, "avg_harness": avg_harness,
               "sparsity": {k: v for k, v in sparsity.items() if not k.endswith("per_layer")},
               "sparsity_per_layer": {k: v for k, v in sparsity.items() if k.endswith("per_layer")} or None,
               "param_sparsity_by_part": by_part,

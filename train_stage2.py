@@ -2,6 +2,7 @@
 
     python train_stage2.py                                   # LoRA on the stage-1 run in out/stage1, ~10 min on a CPU
     python train_stage2.py --dense true                      # the control: the same LoRA on the dense model (out/stage2-dense)
+    python train_stage2.py --shortgpt 12                     # the static control: the same LoRA on ShortGPT, 12 blocks removed
     python train_stage2.py --init_from out/stage1-t0.40 --out_dir out/stage2-t0.40
     python train_stage2.py --merge true                      # also write out_dir/merged: LoRA folded into the weights
     python train_stage2.py --resume true                     # continue an interrupted run
@@ -27,10 +28,12 @@ from pathlib import Path
 
 import torch
 
+import baselines
 import lora
 from checkpoint import (RUN_VERSION, StagingDir, atomic_save_tensors, atomic_write_text, base_reference,
                         file_fingerprint, find_base, load, read_config, rel_to_root, resolve, save_model_dir)
-from common import dense_val_loss, evaluate, parse_settings, setting
+from common import (cached_reference, calibration_windows, dense_val_loss, ensure_data, evaluate, load_split,
+                    parse_settings, setting)
 from convert import ensure_default_model
 from errors import UserError, cli
 from router import Routing, routing_stats
@@ -46,6 +49,8 @@ class Settings(TrainSettings):
     out_dir: str = setting("out/stage2", "run directory (LoRA weights, settings, log, figures); out/stage2-dense with --dense")
     init_from: str = setting("auto", f"stage-1 run to start from (auto: {STAGE1_RUN} if it exists, else {PRETRAINED_STAGE1})")
     dense: bool = setting(False, "the control: LoRA on the dense model (routing off) of init_from's base")
+    shortgpt: int = setting(0, "the static control: LoRA on init_from's base without ShortGPT's N lowest-Block-"
+                               "Influence blocks (measured on the training text, as stage 1's ShortGPT row); 0 = off")
     merge: bool = setting(False, "after training, write out_dir/merged: base + LoRA folded into one model (with the routers)")
     # -- the method
     gate: str = setting("hard", "training gates: hard (deterministic, with stage 1's offset) | sample (Gumbel, the authors' code)")
@@ -63,6 +68,8 @@ class Settings(TrainSettings):
     def __post_init__(self):
         super().__post_init__()
         check_choices(self, [("gate", ("hard", "sample"))])
+        if self.shortgpt < 0:
+            raise UserError(f"--shortgpt takes a number of blocks to remove (0 = off), got {self.shortgpt}")
         if self.lora_r < 1:
             raise UserError(f"--lora_r must be >= 1, got {self.lora_r}")
         if not 0 <= self.lora_dropout < 1:
@@ -74,6 +81,10 @@ class Settings(TrainSettings):
 
     def warmup_steps(self):
         return int(self.warmup_frac * self.max_iters)
+
+    def control(self):
+        """No routers: LoRA on the dense model, or on ShortGPT's statically pruned one."""
+        return self.dense or self.shortgpt > 0
 
     def targets(self):
         return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
@@ -157,13 +168,16 @@ class Stage:
     NAME, FORMAT = "stage 2", "stage2"
 
     def build(self, s, device, resume_cfg):
-        """The frozen base with its frozen stage-1 routers (none for the control), plus LoRA. -> (model, groups, start)."""
+        """The frozen base with its frozen stage-1 routers (none for the controls), plus LoRA. -> (model, groups, start)."""
         init_from = s.init_from
         if resume_cfg is not None and resume_cfg["stage1"] and init_from == "auto":
             init_from = resume_cfg["stage1"]["path"]  # the stage-1 run it was trained on
-        init_dir = stage1_dir(init_from, s.dense)
-        model, self.stage1_cfg = load_start(init_dir, s.dense, device)
-        self.stage1 = None if s.dense else stage1_reference(init_dir)
+        init_dir = stage1_dir(init_from, s.control())
+        model, self.stage1_cfg = load_start(init_dir, s.control(), device)
+        self.stage1 = None if s.control() else stage1_reference(init_dir)
+        self.unpruned = model  # the dense reference (ShortGPT's pruned model shares its weights)
+        if s.shortgpt:
+            model = self.prune(model, s)
         if resume_cfg is not None:
             if resume_cfg["base"]["fingerprint"] != model.source["fingerprint"]:
                 raise UserError(f"--resume: {s.out_dir} holds LoRA weights for base {resume_cfg['base']['path']} "
@@ -174,29 +188,49 @@ class Stage:
             if resume_cfg["lora"] != s.lora_config():
                 raise UserError(f"--resume: the LoRA flags given differ from those {s.out_dir} was trained with; "
                                 f"resume without them")
+            if resume_cfg.get("removed_blocks", []) != getattr(model, "removed_blocks", []):
+                raise UserError(f"--resume: {s.out_dir} was trained without blocks {resume_cfg.get('removed_blocks', [])}, "
+                                f"but these settings remove {getattr(model, 'removed_blocks', [])}")
         torch.manual_seed(s.seed)  # the same LoRA init on every process
         lora.add_lora(model, s.targets(), s.lora_r, s.lora_alpha, s.lora_dropout)
         groups = [{"params": lora.mark_only_lora_trainable(model), "lr": s.learning_rate,
                    "weight_decay": s.weight_decay}]
-        return model, groups, model.source["path"] if s.dense else rel_to_root(init_dir)
+        return model, groups, model.source["path"] if s.control() else rel_to_root(init_dir)
+
+    def prune(self, model, s):
+        """The static control's model: ShortGPT's s.shortgpt blocks removed, chosen on training text."""
+        if s.shortgpt >= model.args.n_layers:
+            raise UserError(f"--shortgpt {s.shortgpt}: the model has {model.args.n_layers} blocks; remove fewer")
+        ensure_data(s.data_dir, model.tokenizer)
+        self.calib = calibration_windows(load_split(s.data_dir, "train", model.tokenizer))
+        pruned, removed, _ = baselines.shortgpt(model, self.calib, s.shortgpt)
+        print(f"ShortGPT: blocks {removed} removed (lowest Block Influence on the training text of {s.data_dir})")
+        return pruned
+
+    def label(self, s):
+        return f"ShortGPT, {s.shortgpt} blocks removed" if s.shortgpt else "dense"
 
     def describe(self, model, s):
-        how = ("dense model (control)" if s.dense
+        how = (f"{self.label(s)} (control)" if s.control()
                else f"routers frozen, {s.gate} gates, offset {model.routing_offset:+.2f}")
         return f"LoRA r {s.lora_r}, alpha {s.lora_alpha:g} on {','.join(s.targets())}; {how} | CE"
 
     def before_training(self, model, s, windows, ctx, device, log, resumed):
-        """The references, without the adapters: dense, and routed as stage 1 left it."""
-        print("validating the starting point (dense" + ("" if s.dense else ", stage-1 routed") + ") ...")
-        with lora.disabled(model):
-            self.ref = {"dense": dense_val_loss(model, windows, ctx, device, s.data_dir),
-                        "dense_sub": dense_val_loss(model, windows[:s.eval_iters], ctx, device, s.data_dir)}
-            if not s.dense:
+        """The references, without the adapters: dense, and where LoRA starts (stage-1 routed, or ShortGPT)."""
+        print(f"validating the starting point (dense{'' if s.dense else ', ' + ('ShortGPT' if s.shortgpt else 'stage-1 routed')}) ...")
+        with lora.disabled(model):  # (the pruned model holds every adapter: its blocks are the unpruned one's)
+            self.ref = {"dense": dense_val_loss(self.unpruned, windows, ctx, device, s.data_dir),
+                        "dense_sub": dense_val_loss(self.unpruned, windows[:s.eval_iters], ctx, device, s.data_dir)}
+            if s.shortgpt:
+                self.ref["start"] = cached_reference(s.data_dir, f"shortgpt{s.shortgpt}", self.unpruned, [self.calib, windows],
+                                                     lambda: evaluate(model, windows, None, ctx=ctx, device=device))
+                self.ref["start_sub"] = evaluate(model, windows[:s.eval_iters], None, ctx=ctx, device=device)
+            elif not s.dense:
                 routed = val_routing(model)
-                self.ref["stage1"] = evaluate(model, windows, routed, ctx=ctx, device=device)
-                self.ref["stage1_sub"] = evaluate(model, windows[:s.eval_iters], routed, ctx=ctx, device=device)
+                self.ref["start"] = evaluate(model, windows, routed, ctx=ctx, device=device)
+                self.ref["start_sub"] = evaluate(model, windows[:s.eval_iters], routed, ctx=ctx, device=device)
         if not resumed:  # step 0 of the curves: where LoRA starts (B = 0 changes nothing)
-            st = self.ref["dense_sub" if s.dense else "stage1_sub"]
+            st = self.ref["dense_sub" if s.dense else "start_sub"]
             log.write(kind="val", iter=0, val_loss=st["loss"],
                       **{f"val_{k}": st[k] for k in ("param_sparsity", "attn_skip", "mlp_skip", "module_sparsity") if k in st})
 
@@ -216,42 +250,51 @@ class Stage:
         return 2  # forward + backward of the activations (the LoRA weight gradients are small)
 
     def run_config(self, model, s):
-        return {"stage1": self.stage1, "lora": s.lora_config()}
+        return {"stage1": self.stage1, "lora": s.lora_config()} | (
+            {"removed_blocks": model.removed_blocks} if s.shortgpt else {})
 
     def trained(self, model):
         return {"lora.safetensors": lora.lora_state_dict(model)}
 
     def curves_title(self, model, s):
-        return "stage 2: " + ("dense + LoRA (control)" if s.dense else "stage-1 routers + LoRA")
+        return "stage 2: " + (f"{self.label(s)} + LoRA (control)" if s.control() else "stage-1 routers + LoRA")
 
     def finish(self, model, s, windows, train_data, ctx, device, out_dir, log):
-        """Compare dense, stage 1 and stage 1 + LoRA on the validation windows; merge on request."""
+        """Compare dense, where LoRA started and where it ended on the validation windows; merge on request."""
         print(f"validating on {len(windows)} fixed validation windows (deterministic gates) ...")
         tuned = evaluate(model, windows, val_routing(model), ctx=ctx, device=device)
         dense = self.ref["dense"]
+        rows = [("dense", 0.0, 0.0, 0.0, dense["loss"])]
         if s.dense:
-            rows = [("dense", 0.0, 0.0, 0.0, dense["loss"]), ("dense + LoRA (control)", 0.0, 0.0, 0.0, tuned["loss"])]
+            rows.append(("dense + LoRA (control)", 0.0, 0.0, 0.0, tuned["loss"]))
+        elif s.shortgpt:
+            share = s.shortgpt / self.unpruned.args.n_layers
+            rows += [(self.label(s), share, share, share, self.ref["start"]["loss"]),
+                     (f"{self.label(s)} + LoRA (control)", share, share, share, tuned["loss"])]
         else:
-            st1 = self.ref["stage1"]
-            rows = [("dense", 0.0, 0.0, 0.0, dense["loss"]),
-                    (f"stage 1 routed (offset {model.routing_offset:+.2f})", st1["param_sparsity"], st1["attn_skip"],
-                     st1["mlp_skip"], st1["loss"]),
-                    ("stage 1 + LoRA (stage 2)", tuned["param_sparsity"], tuned["attn_skip"], tuned["mlp_skip"],
-                     tuned["loss"])]
-        print(f"\n{'model':<34} {'param sparsity':>14} {'attn skip':>9} {'mlp skip':>9} {'val loss':>9} {'val ppl':>9}")
+            st1 = self.ref["start"]
+            rows += [(f"stage 1 routed (offset {model.routing_offset:+.2f})", st1["param_sparsity"], st1["attn_skip"],
+                      st1["mlp_skip"], st1["loss"]),
+                     ("stage 1 + LoRA (stage 2)", tuned["param_sparsity"], tuned["attn_skip"], tuned["mlp_skip"],
+                      tuned["loss"])]
+        print(f"\n{'model':<38} {'param sparsity':>14} {'attn skip':>9} {'mlp skip':>9} {'val loss':>9} {'val ppl':>9}")
         for name, ps, a, m, loss in rows:
-            print(f"{name:<34} {ps:>14.3f} {a:>9.3f} {m:>9.3f} {loss:>9.3f} {math.exp(loss):>9.1f}")
-        if not s.dense:
-            print(f"routed ppl / dense ppl: stage 1 {math.exp(self.ref['stage1']['loss'] - dense['loss']):.2f}, "
+            print(f"{name:<38} {ps:>14.3f} {a:>9.3f} {m:>9.3f} {loss:>9.3f} {math.exp(loss):>9.1f}")
+        if not s.control():
+            print(f"routed ppl / dense ppl: stage 1 {math.exp(self.ref['start']['loss'] - dense['loss']):.2f}, "
                   f"stage 2 {math.exp(tuned['loss'] - dense['loss']):.2f} (the routers are frozen, but LoRA changes "
-                  f"what they read: sparsity {self.ref['stage1']['param_sparsity']:.3f} -> {tuned['param_sparsity']:.3f})")
+                  f"what they read: sparsity {self.ref['start']['param_sparsity']:.3f} -> {tuned['param_sparsity']:.3f})")
         summary = {"val_loss_dense": dense["loss"], "val_ppl_dense": dense["ppl"]}
         if s.dense:
             summary |= {"val_loss_dense_lora": tuned["loss"], "val_ppl_dense_lora": tuned["ppl"], "val_sparsity": 0.0}
+        elif s.shortgpt:
+            summary |= {"val_loss_shortgpt": self.ref["start"]["loss"], "val_ppl_shortgpt": self.ref["start"]["ppl"],
+                        "val_loss_shortgpt_lora": tuned["loss"], "val_ppl_shortgpt_lora": tuned["ppl"],
+                        "removed_blocks": model.removed_blocks, "val_sparsity": rows[-1][1]}
         else:
-            summary |= {"val_loss_stage1": self.ref["stage1"]["loss"], "val_loss_stage2": tuned["loss"],
-                        "val_ppl_stage1": self.ref["stage1"]["ppl"], "val_ppl_stage2": tuned["ppl"],
-                        "val_sparsity": tuned["param_sparsity"], "val_sparsity_stage1": self.ref["stage1"]["param_sparsity"],
+            summary |= {"val_loss_stage1": self.ref["start"]["loss"], "val_loss_stage2": tuned["loss"],
+                        "val_ppl_stage1": self.ref["start"]["ppl"], "val_ppl_stage2": tuned["ppl"],
+                        "val_sparsity": tuned["param_sparsity"], "val_sparsity_stage1": self.ref["start"]["param_sparsity"],
                         "val_attn_skip": tuned["attn_skip"], "val_mlp_skip": tuned["mlp_skip"],
                         "val_module_sparsity": tuned["module_sparsity"], "offset": model.routing_offset, "gate": s.gate}
         summary["lora_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -264,8 +307,8 @@ class Stage:
 
 def main(argv=None):
     s, explicit = parse_settings(Settings, __doc__, argv)
-    if s.dense and "out_dir" not in explicit:
-        s = dataclasses.replace(s, out_dir="out/stage2-dense")
+    if s.control() and "out_dir" not in explicit:
+        s = dataclasses.replace(s, out_dir=f"out/stage2-shortgpt{s.shortgpt}" if s.shortgpt else "out/stage2-dense")
     return train(Stage(), s, explicit)
 
 

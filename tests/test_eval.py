@@ -84,7 +84,31 @@ def test_acc_norm_divides_by_characters():
     doc = tasks.Doc(0, ["ab", "ab"], ["c", "cccccccccc"], label=1)
     lls = ev.score_batch(model, [ev.doc_pairs(tok, doc, 128)])[0]
     assert lls[1] < lls[0] and lls[1] / 10 > lls[0]
-    assert ev.eval_task(model, tok, [doc]) == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+    assert ev.eval_task(model, tok, [doc]) == {"acc": 0.0, "acc_norm": 1.0, "n": 1, "majority": 1.0,
+                                               "correct": [0], "correct_norm": [1]}
+
+
+def test_harness_average_and_paired_difference_by_hand():
+    # two tasks: boolq scored by acc, piqa by acc_norm (what lm-evaluation-harness reports)
+    a = {"tasks": {"boolq": {"acc": 0.75, "acc_norm": 0.0, "correct": [1, 1, 1, 0], "correct_norm": [0, 0, 0, 0]},
+                   "piqa": {"acc": 0.0, "acc_norm": 0.5, "correct": [0, 0], "correct_norm": [1, 0]}}}
+    b = {"tasks": {"boolq": {"acc": 0.5, "acc_norm": 1.0, "correct": [1, 0, 1, 0], "correct_norm": [1, 1, 1, 1]},
+                   "piqa": {"acc": 1.0, "acc_norm": 0.5, "correct": [1, 1], "correct_norm": [0, 1]}}}
+    assert ev.harness_average(a["tasks"]) == pytest.approx((0.75 + 0.5) / 2)
+    diff, se = ev.paired_difference(a, b)
+    # boolq differences [0, 1, 0, 0]: mean 1/4, sample variance 1/4, over n 1/16;
+    # piqa differences [1, -1]: mean 0, sample variance 2, over n 1
+    assert diff == pytest.approx((0.25 + 0.0) / 2)
+    assert se == pytest.approx(math.sqrt(1 / 16 + 1) / 2)
+    b["tasks"]["piqa"]["correct_norm"] = [0]
+    with pytest.raises(UserError, match="the same documents"):
+        ev.paired_difference(a, b)
+
+
+def test_majority_is_the_share_of_the_most_common_label():
+    model, tok = copy_model(), CharTokenizer()
+    docs = [tasks.Doc(i, ["ab", "ab"], ["c", "d"], label=lab) for i, lab in enumerate([1, 1, 0, 1])]
+    assert ev.eval_task(model, tok, docs)["majority"] == 0.75
 
 
 def test_encode_pair_moves_trailing_spaces_to_the_continuation():
@@ -199,7 +223,7 @@ def test_shortgpt_removes_exactly_the_chosen_blocks():
     tokens = torch.randint(0, 101, (2, 16))
     with torch.no_grad():  # the removed blocks were identities: the pruned model computes the same
         assert (pruned(tokens)[0] - model(tokens)[0]).abs().max().item() < 1e-5
-    dropped = baselines.remove_blocks(model, [0, 2])
+    dropped = model.without_blocks([0, 2])
     assert list(dropped.layers) == [model.layers[1], model.layers[3]]
     assert ev.static_sparsity(model.args, removed_blocks=[1, 3])["param_sparsity"] == pytest.approx(0.5)
     # fast scoring runs on a pruned model too (its own, shorter, KV cache)

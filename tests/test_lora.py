@@ -306,6 +306,35 @@ def test_cli_end_to_end(tmp_path, project):
         run("--init_from", str(stage1), "--out_dir", str(tmp_path / "z"), "--lora_targets", "q_proj")
 
 
+def test_shortgpt_control_trains_lora_on_the_pruned_model(tmp_path, project):
+    # train_stage2.py --shortgpt N: the same LoRA budget on ShortGPT's statically pruned model
+    import baselines
+    import eval as ev
+    stage1, run = project
+    out = tmp_path / "short"
+    summary = run("--init_from", str(stage1), "--out_dir", str(out), "--shortgpt", "1")
+    base = load(tmp_path / "base")
+    train = common.load_split(tmp_path / "data", "train", base.tokenizer)
+    _, removed, _ = baselines.shortgpt(base, common.calibration_windows(train), 1)
+    assert read_config(out)["removed_blocks"] == removed == summary["removed_blocks"]
+    # the dense reference is the unpruned model; LoRA moved the pruned model's loss
+    val = training.val_windows(common.load_split(tmp_path / "data", "val", base.tokenizer))
+    assert summary["val_loss_dense"] == pytest.approx(common.evaluate(base, val)["loss"], abs=1e-6)
+    assert summary["val_loss_shortgpt"] == pytest.approx(
+        common.evaluate(base.without_blocks(removed), val)["loss"], abs=1e-6)
+    assert summary["val_loss_shortgpt_lora"] != summary["val_loss_shortgpt"]
+    # loading the run gives the pruned model with its adapters: as many blocks as are left
+    model = load(out)
+    assert model.args.n_layers == base.args.n_layers - 1 and model.removed_blocks == removed
+    assert common.evaluate(model, val)["loss"] == pytest.approx(summary["val_loss_shortgpt_lora"], abs=1e-5)
+    a = ev.parse_args(["--model", str(out), "--data_dir", str(tmp_path / "data")])
+    _, _, routing, info = ev.build(a, out, ev.base_of(out), "cpu", contextlib.nullcontext())
+    assert routing is None and info["kind"] == "shortgpt+lora" and info["removed_blocks"] == removed
+    assert info["static_sparsity"]["param_sparsity"] == pytest.approx(1 / base.args.n_layers)
+    with pytest.raises(UserError, match="remove fewer"):
+        run("--init_from", str(stage1), "--out_dir", str(tmp_path / "all"), "--shortgpt", str(base.args.n_layers))
+
+
 def test_cli_interrupted_run_resumes_to_the_same_weights(tmp_path, project, monkeypatch):
     stage1, run = project
     run("--init_from", str(stage1), "--out_dir", str(tmp_path / "straight"), "--max_iters", "4")
