@@ -550,6 +550,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None,
                    help=f"first N documents of every task, N/2 of HellaSwag (its documents cost the most) "
                         f"(default: {DEFAULT_LIMIT})")
+    p.add_argument("--hellaswag_limit", type=int, default=None, help="first N documents of HellaSwag (default: half of --limit)")
     p.add_argument("--lambada", type=int, default=DEFAULT_LAMBADA, help="first N LAMBADA passages for perplexity (0 = skip)")
     p.add_argument("--knowledge", type=parse_bool, default=True, metavar="BOOL",
                    help="greedy answers to tasks.KNOWLEDGE's factual prompts: the share a model keeps (default: true)")
@@ -583,8 +584,9 @@ def parse_args(argv=None):
         raise UserError("--attention_drop_match needs the sparsity to match: --match_sparsity S [--match_modules M]")
     if a.sparsity is not None and (not 0 <= a.sparsity < 1 or static_baseline(a)):
         raise UserError("--sparsity S (0 <= S < 1) recalibrates a routed --model; it does not go with a static baseline")
-    if (a.limit is not None and a.limit < 1) or a.lambada < 0 or a.batch_tokens < 1:
-        raise UserError("--limit and --batch_tokens must be >= 1, --lambada >= 0")
+    if (a.limit is not None and a.limit < 1) or (a.hellaswag_limit is not None and a.hellaswag_limit < 1) \
+            or a.lambada < 0 or a.batch_tokens < 1:
+        raise UserError("--limit, --hellaswag_limit and --batch_tokens must be >= 1, --lambada >= 0")
     return a
 
 
@@ -638,6 +640,8 @@ def main(argv=None):
     # -- zero-shot tasks
     for name in a.tasks:
         limit = None if a.full else (a.limit or DEFAULT_LIMIT) // (2 if name == "hellaswag" else 1)
+        if name == "hellaswag" and a.hellaswag_limit and not a.full:
+            limit = a.hellaswag_limit
         with timed(times, name), ctx:
             parts[name] = SkipCounter()
             docs = scored_docs(name, limit)  # never the calibration documents

@@ -1,6 +1,7 @@
-"""The project's two studies, each one command: the results table and the ablations.
+"""The project's studies, each one command: the results table, the paper's headline, the ablations.
 
     python experiments.py results             # dense, LoRA, SkipGPT at 25% / 40%, static baselines (~1.5 h on 2 cores)
+    python experiments.py headline            # 40% + LoRA against dense and ShortGPT + LoRA, 1,000 documents per task
     python experiments.py ablations           # router kind, MLP router input, weighting, budget, K/V, joint, alpha (~2 h)
     python experiments.py ablations --quick   # the same rows, 30 training steps, no zero-shot (~25 min)
 
@@ -21,6 +22,12 @@ results (out/results/):
   curve     the default stage-1 routers at several sparsities beside ShortGPT at the same ones:
             quality_vs_sparsity.png, the headline figure.
   speed     prefill of 512 tokens of general text (LAMBADA), every model's own routing on the fast path.
+headline (out/headline/):
+  the paper's claim, measured: stage 1 at 40% of block parameters then LoRA (out/stage1-t0.40,
+  out/stage2-t0.40), evaluated with its offset recalibrated to 40% on task-like text; ShortGPT with
+  as many blocks removed plus the same LoRA (train_stage2.py --shortgpt N); dense. The first 1,000
+  documents of every task (all of one that has fewer); the difference of each average from dense's,
+  with its standard error from the paired per-document outcomes (eval.paired_difference).
 ablations (out/ablations/, quick: out/ablations-quick/):
   one stage-1 run per row, each changing one setting of the default (the default row is the main
   job's run, out/stage1; in --quick form its own 30-step run), and the two-stage row (out/stage2:
@@ -42,13 +49,15 @@ from tqdm import tqdm
 import assets
 import baselines
 import bench
+import eval as eval_mod
 import tasks
 from analyze import general_windows
 from checkpoint import load, resolve
 from common import load_split, val_windows
+from convert import ensure_default_model
 from errors import ArgumentParser, UserError, cli
 from lora import merge_lora
-from router import Routing
+from router import Routing, block_params
 
 PY = sys.executable
 SWEEP = (0.10, 0.25, 0.40)             # sparsities of the quality-vs-sparsity curve (0.25: the table's row)
@@ -280,6 +289,81 @@ def plot_quality(points, dense, extra, path):
 
 
 # ----------------------------------------------------------------------------------------------
+# The paper's headline: 40% of block parameters, stage 1 + LoRA, against dense and ShortGPT + LoRA
+
+HEADLINE_SPARSITY = 0.40
+HEADLINE_LIMIT = 1000  # documents per task (all of a task that has fewer), HellaSwag included
+
+
+def study_headline(a):
+    d = Path(a.out_dir or "out/headline")
+    base = load(ensure_default_model())
+    n_blocks = baselines.blocks_for_param_sparsity(base.args.n_layers, HEADLINE_SPARSITY)
+    s = f"{HEADLINE_SPARSITY:.2f}"
+    limits = ["--limit", HEADLINE_LIMIT, "--hellaswag_limit", HEADLINE_LIMIT]
+    train = [Job("train-stage1", [PY, "train_stage1.py", "--target_sparsity", s, "--out_dir", f"out/stage1-t{s}", "--threads", "1"],
+                 f"out/stage1-t{s}/summary.json"),
+             Job("train-stage2", [PY, "train_stage2.py", "--init_from", f"out/stage1-t{s}", "--out_dir", f"out/stage2-t{s}",
+                                  "--threads", "1"], f"out/stage2-t{s}/summary.json", ["train-stage1"]),
+             Job("train-shortgpt+lora", [PY, "train_stage2.py", "--shortgpt", str(n_blocks), "--out_dir",
+                                         f"out/stage2-shortgpt{n_blocks}", "--threads", "1"],
+                 f"out/stage2-shortgpt{n_blocks}/summary.json")]
+    rows = [("dense", "dense SmolLM2-135M", Job("dense", eval_cmd(d / "dense.json", *limits), d / "dense.json")),
+            ("skipgpt+lora", f"SkipGPT stage 1 + LoRA, {HEADLINE_SPARSITY:.0%}",
+             Job("skipgpt+lora", eval_cmd(d / "skipgpt+lora.json", "--model", f"out/stage2-t{s}", "--sparsity", s, *limits),
+                 d / "skipgpt+lora.json", ["train-stage2"])),
+            ("shortgpt+lora", f"ShortGPT ({n_blocks} blocks removed) + LoRA",
+             Job("shortgpt+lora", eval_cmd(d / "shortgpt+lora.json", "--model", f"out/stage2-shortgpt{n_blocks}", *limits),
+                 d / "shortgpt+lora.json", ["train-shortgpt+lora"]))]
+    if a.rerun_evals:
+        for _, _, j in rows:
+            j.output.unlink(missing_ok=True)
+    failed = run_jobs(train + [j for _, _, j in rows], a.jobs, d / "logs")
+    results = {name: read(job.output) for name, _, job in rows if job.output.exists()}
+    if len(results) < len(rows):
+        raise UserError(f"job(s) failed: {', '.join(sorted(failed))}; logs in {d / 'logs'}")
+
+    dense = results["dense"]
+    all_params = sum(p.numel() for p in base.parameters())
+    block_share = block_params(base.args) * base.args.n_layers / all_params
+    lines = [f"| model | block parameters skipped (evaluated text) | all parameters | 7-task average (harness metric) | "
+             f"% of dense | minus dense (paired SE) | general ppl | LAMBADA ppl |", "|---|---|---|---|---|---|---|---|"]
+    for name, label, _ in rows:
+        r = results[name]
+        ps = r["sparsity"]["param_sparsity"]
+        diff, se = eval_mod.paired_difference(r, dense) if name != "dense" else (0.0, 0.0)
+        lines.append(f"| {label} | {ps:.3f} | {ps * block_share:.3f} | {r['avg_harness']:.4f} | "
+                     f"{r['avg_harness'] / dense['avg_harness']:.1%} | "
+                     + (f"{diff:+.4f} ({se:.4f})" if name != "dense" else "") +
+                     f" | {r['ppl']['general']:.1f} | {r['ppl']['lambada']:.1f} |")
+    diff_d, se_d = eval_mod.paired_difference(results["skipgpt+lora"], dense)
+    diff_s, se_s = eval_mod.paired_difference(results["skipgpt+lora"], results["shortgpt+lora"])
+    n = {t: r["n"] for t, r in dense["tasks"].items()}
+    verdict = ("matches dense (within two paired standard errors)" if abs(diff_d) <= 2 * se_d else
+               "does not match dense (more than two paired standard errors below)" if diff_d < 0 else
+               "is above dense by more than two paired standard errors")
+    lines.append(f"\nSkipGPT + LoRA {verdict}: {diff_d:+.4f} +- {se_d:.4f}, {results['skipgpt+lora']['avg_harness'] / dense['avg_harness']:.1%} "
+                 f"of dense. Against ShortGPT + LoRA: {diff_s:+.4f} +- {se_s:.4f} "
+                 f"({'above by more than two standard errors' if diff_s > 2 * se_s else 'not above by two standard errors'}). "
+                 f"{HEADLINE_SPARSITY:.0%} of block parameters is {HEADLINE_SPARSITY * block_share:.1%} of all "
+                 f"{all_params / 1e6:.1f}M parameters (the embeddings are the rest). Documents per task: "
+                 + ", ".join(f"{t} {k}" for t, k in n.items()) + ". Average: acc_norm for PIQA, HellaSwag, ARC and "
+                 f"OpenBookQA, acc for BoolQ and WinoGrande; BoolQ's majority class {dense['tasks']['boolq']['majority']:.3f}.")
+    table = "\n".join(lines)
+    summary = {"rows": {name: {"avg_harness": r["avg_harness"], "avg_acc": r["avg_acc"], "avg_acc_norm": r["avg_acc_norm"],
+                               "param_sparsity": r["sparsity"]["param_sparsity"], "ppl": r["ppl"],
+                               "tasks": {t: {k: v[k] for k in ("acc", "acc_norm", "n", "majority")} for t, v in r["tasks"].items()}}
+                        for name, r in results.items()},
+               "minus_dense": [diff_d, se_d], "minus_shortgpt_lora": [diff_s, se_s], "block_share_of_all": block_share,
+               "failed": sorted(failed)}
+    (d / "headline.md").write_text(table + "\n")
+    (d / "headline.json").write_text(json.dumps(summary, indent=1))
+    print("\n" + table)
+    print(f"\nwrote {d / 'headline.md'}, {d / 'headline.json'}")
+    print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
+
+
+# ----------------------------------------------------------------------------------------------
 # The ablation study
 
 ABLATIONS = [  # (row, what it tests, train_stage1.py flags; None: stage 2 on the default row's routers)
@@ -393,7 +477,7 @@ def plot_ablations(summaries, speeds, ref, path, quick):
 
 def parse_args(argv=None):
     p = ArgumentParser(__doc__)
-    p.add_argument("study", choices=["results", "ablations"])
+    p.add_argument("study", choices=["results", "headline", "ablations"])
     p.add_argument("--quick", action="store_true", help=f"ablations: {QUICK_STEPS} training steps per row, no zero-shot")
     p.add_argument("--jobs", type=int, default=2, help="jobs at a time, one CPU thread each")
     p.add_argument("--out_dir", default=None, help="where results, logs and figures go")
@@ -408,7 +492,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
-    (study_results if a.study == "results" else study_ablations)(a)
+    {"results": study_results, "headline": study_headline, "ablations": study_ablations}[a.study](a)
 
 
 if __name__ == "__main__":

@@ -72,3 +72,43 @@ def test_command_line_errors():
         experiments.main(["ablations", "--jobs", "0"])
     with pytest.raises(UserError, match="invalid choice"):
         experiments.main(["everything"])
+
+
+def test_headline_commands_and_verdicts(tmp_path, monkeypatch, capsys):
+    # the study's jobs (their commands) and its verdicts, with the jobs' outputs written by hand
+    import json
+    from tiny import tiny_model
+    model = tiny_model(n_layers=10)
+    monkeypatch.setattr(experiments, "ensure_default_model", lambda: "base")
+    monkeypatch.setattr(experiments, "load", lambda path: model)
+    outcomes = {"dense": [1, 1, 0, 1] * 50, "skipgpt+lora": [1, 0, 0, 1] * 50, "shortgpt+lora": [0, 0, 0, 1] * 50}
+    seen = {}
+
+    def fake_run_jobs(jobs, n_parallel, log_dir):
+        for j in jobs:
+            seen[j.name] = j.cmd
+            if j.name in outcomes:
+                c = outcomes[j.name]
+                task = {"acc": sum(c) / len(c), "acc_norm": sum(c) / len(c), "n": len(c), "majority": 0.6,
+                        "correct": c, "correct_norm": c}
+                j.output.parent.mkdir(parents=True, exist_ok=True)
+                j.output.write_text(json.dumps({"tasks": {"boolq": task, "piqa": task}, "avg_harness": task["acc"],
+                                                "avg_acc": task["acc"], "avg_acc_norm": task["acc"],
+                                                "sparsity": {"param_sparsity": 0.0 if j.name == "dense" else 0.4},
+                                                "ppl": {"general": 30.0, "lambada": 40.0}}))
+        return set()
+    monkeypatch.setattr(experiments, "run_jobs", fake_run_jobs)
+    experiments.main(["headline", "--out_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    # 40% of 10 blocks: ShortGPT removes 4; the routed model is recalibrated to 40% on task text;
+    # every evaluation scores 1,000 documents per task, HellaSwag included
+    assert seen["train-shortgpt+lora"][seen["train-shortgpt+lora"].index("--shortgpt") + 1] == "4"
+    assert seen["skipgpt+lora"][seen["skipgpt+lora"].index("--sparsity") + 1] == "0.40"
+    for name in outcomes:
+        cmd = list(map(str, seen[name]))
+        assert cmd[cmd.index("--limit") + 1] == cmd[cmd.index("--hellaswag_limit") + 1] == "1000"
+    # SkipGPT: 0.50 against dense 0.75 (200 paired documents, SE ~0.03): does not match dense;
+    # against ShortGPT + LoRA's 0.25: above by more than two standard errors
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["minus_dense"][0] == pytest.approx(-0.25) and summary["minus_shortgpt_lora"][0] == pytest.approx(0.25)
+    assert "does not match dense" in out and "above by more than two standard errors" in out
