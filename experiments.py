@@ -2,7 +2,7 @@
 
     python experiments.py results             # dense, LoRA, SkipGPT at 25% / 40%, static baselines (~1.5 h on 2 cores)
     python experiments.py headline            # 40% + LoRA against dense and ShortGPT + LoRA, 1,000 documents per task
-    python experiments.py ablations           # router kind, MLP router input, weighting, budget, K/V, joint, alpha (~2 h)
+    python experiments.py ablations           # router kind, MLP router input, weighting, budget, K/V, joint, alpha; 3 seeds
     python experiments.py ablations --quick   # the same rows, 30 training steps, no zero-shot (~25 min)
 
 Each study is a list of jobs: training runs (train_stage1.py, train_stage2.py) and evaluations
@@ -29,13 +29,16 @@ headline (out/headline/):
   documents of every task (all of one that has fewer); the difference of each average from dense's,
   with its standard error from the paired per-document outcomes (eval.paired_difference).
 ablations (out/ablations/, quick: out/ablations-quick/):
-  one stage-1 run per row, each changing one setting of the default (the default row is the main
-  job's run, out/stage1; in --quick form its own 30-step run), and the two-stage row (out/stage2:
-  LoRA on the default routers) beside the joint one; val perplexity and sparsity from the run's
-  summary; zero-shot and LAMBADA on the default subsets for the default, joint and two-stage rows
+  one stage-1 run per row and seed (3 seeds, the quick form 1), each row changing one setting of the
+  default, and the two-stage row (LoRA on the default row's routers of the same seed) beside the
+  joint one; val perplexity (mean and range over the seeds) and sparsity from the runs' summaries;
+  zero-shot and LAMBADA on the default subsets (first seed) for the default, joint and two-stage rows
   and for rows whose perplexity differs from the default row's by more than ZERO_SHOT_PPL_RATIO
   (smaller differences do not show above the zero-shot noise), none in --quick form; speed as
-  above, on held-out general text (where the rows' sparsity was measured).
+  above, on held-out general text (where the rows' sparsity was measured). One row is one command:
+      python experiments.py ablations --rows router-mlp --seeds 1
+  trains what is missing (that row and the default row, which every row is compared with) and prints
+  the table with the two.
 """
 import json
 import math
@@ -63,6 +66,7 @@ PY = sys.executable
 SWEEP = (0.10, 0.25, 0.40)             # sparsities of the quality-vs-sparsity curve (0.25: the table's row)
 ZERO_SHOT_PPL_RATIO = 1.5              # ablation rows this far from the default row's perplexity get zero-shot
 QUICK_STEPS = 30
+ABLATION_SEED = 1337                   # the first seed of every ablation row (the training scripts' default)
 SPEED_REPEATS = 9                      # timed repetitions per model (medians): the shared machine is noisy
 
 
@@ -382,67 +386,102 @@ ABLATIONS = [  # (row, what it tests, train_stage1.py flags; None: stage 2 on th
 def study_ablations(a):
     d = Path(a.out_dir or ("out/ablations-quick" if a.quick else "out/ablations"))
     steps = ["--max_iters", str(QUICK_STEPS)] if a.quick else []
-    full_runs = {"default": Path("out/stage1"), "two-stage": Path("out/stage2")}  # the main job and `python train_stage2.py`
-    run_dir = {row: (full_runs[row] if row in full_runs and not a.quick else d / row) for row, _, _ in ABLATIONS}
+    # the default row always runs: every row is compared with it (and the two-stage row starts from it)
+    chosen = [r for r in ABLATIONS if r[0] in a.rows or r[0] == "default"]
+    seeds = range(a.seeds)
+
+    def run_dir(row, k):
+        return d / row / f"seed{k}"
     train = []
-    for row, _, flags in ABLATIONS:
-        if flags is None:
-            cmd = [PY, "train_stage2.py", "--init_from", str(run_dir["default"]), "--out_dir", str(run_dir[row]),
-                   "--threads", "1", *steps]
-        else:
-            cmd = [PY, "train_stage1.py", "--out_dir", str(run_dir[row]), "--threads", "1", *steps, *flags]
-        train.append(Job(f"train-{row}", cmd, run_dir[row] / "summary.json", ["train-default"] if flags is None else []))
+    for row, _, flags in chosen:
+        for k in seeds:
+            seed = ["--seed", str(ABLATION_SEED + k)]
+            if flags is None:
+                cmd = [PY, "train_stage2.py", "--init_from", str(run_dir("default", k)), "--out_dir", str(run_dir(row, k)),
+                       "--threads", "1", *seed, *steps]
+            else:
+                cmd = [PY, "train_stage1.py", "--out_dir", str(run_dir(row, k)), "--threads", "1", *seed, *steps, *flags]
+            train.append(Job(f"train-{row}-seed{k}", cmd, run_dir(row, k) / "summary.json",
+                             [f"train-default-seed{k}"] if flags is None else []))
     failed = run_jobs(train, a.jobs, d / "logs")
-    summaries = {row: row_summary(read(run_dir[row] / "summary.json"))
-                 for row, _, _ in ABLATIONS if (run_dir[row] / "summary.json").exists()}
+    summaries = {}  # row -> [summary of every seed that finished]
+    for row, _, _ in chosen:
+        done = [row_summary(read(run_dir(row, k) / "summary.json")) for k in seeds if (run_dir(row, k) / "summary.json").exists()]
+        if done:
+            summaries[row] = done
     if "default" not in summaries:
         raise UserError(f"the default row failed; see {d / 'logs'}")
 
-    # -- zero-shot where it can show something: the default, the two rows with LoRA (fine-tuning moves
-    #    task quality in ways perplexity need not show), and rows far from the default
-    ref = summaries["default"]["val_ppl_routed"]
-    zero_shot = [row for row, s in summaries.items() if not a.quick and
+    # -- zero-shot where it can show something (first seed): the default, the rows with LoRA (fine-tuning
+    #    moves task quality in ways perplexity need not show), and rows far from the default
+    ref = mean([s["val_ppl_routed"] for s in summaries["default"]])
+    zero_shot = [row for row, ss in summaries.items() if not a.quick and
                  (row in ("default", "joint", "two-stage")
-                  or max(s["val_ppl_routed"] / ref, ref / s["val_ppl_routed"]) > ZERO_SHOT_PPL_RATIO)]
-    evals = [Job(f"eval-{row}", eval_cmd(d / f"eval-{row}.json", "--model", run_dir[row]), d / f"eval-{row}.json")
-             for row in zero_shot]
+                  or max(ss[0]["val_ppl_routed"] / ref, ref / ss[0]["val_ppl_routed"]) > ZERO_SHOT_PPL_RATIO)]
+    evals = [Job(f"eval-{row}", eval_cmd(d / f"eval-{row}.json", "--model", run_dir(row, 0)), d / f"eval-{row}.json")
+             for row in zero_shot if (run_dir(row, 0) / "summary.json").exists()]
     if a.rerun_evals:
         for j in evals:
             j.output.unlink(missing_ok=True)
     failed |= run_jobs(evals, a.jobs, d / "logs")
 
-    # -- speed on held-out text, each run's own routing on the fast path
+    # -- speed on held-out text, each row's first finished run with its own routing on the fast path
     print(f"measuring speed (prefill of 512 held-out general tokens, 2 threads, interleaved, median of {SPEED_REPEATS}) ...")
     models = {"dense": timed_model(assets.DEFAULT_MODEL_DIR)}
     text = val_windows(load_split("data/general", "val", models["dense"][0].tokenizer), n=1, block=512)[:, :512]
-    models |= {row: timed_model(run_dir[row]) for row in summaries}
+    models |= {row: timed_model(next(run_dir(row, k) for k in seeds if (run_dir(row, k) / "summary.json").exists()))
+               for row in summaries}
     speeds = bench.prefill_speedups(models, text, repeats=SPEED_REPEATS)
 
     # -- table and figure
     zs = {job.name.removeprefix("eval-"): read(job.output) for job in evals if job.output.exists()}
-    lines = ["| row | what changes | param sparsity | attn / MLP skip | val ppl (x default) | zero-shot avg | LAMBADA ppl | prefill speedup |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row, what, _ in ABLATIONS:
+    rows = ablation_rows(summaries)
+    lines = ["| row | what changes | param sparsity | attn / MLP skip | val ppl: mean (range) | x default | beyond the seed spread | "
+             "zero-shot avg | LAMBADA ppl | prefill speedup |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row, what, _ in chosen:
         if row not in summaries:
-            lines.append(f"| {row} | {what} | (failed: see {d / 'logs' / ('train-' + row + '.log')}) |")
+            lines.append(f"| {row} | {what} | (failed: see {d / 'logs'}) |")
             continue
-        s = summaries[row]
+        r = rows[row]
         zero_shot_avg, lambada = (f"{zs[row]['avg_acc']:.3f}", f"{zs[row]['ppl']['lambada']:.1f}") if row in zs else ("-", "-")
-        lines.append(f"| {row} | {what} | {s['val_param_sparsity']:.3f} | {s['val_attn_skip']:.2f} / {s['val_mlp_skip']:.2f} | "
-                     f"{s['val_ppl_routed']:.1f} ({s['val_ppl_routed'] / ref:.2f}) | {zero_shot_avg} | {lambada} | {speeds[row][1]:.2f}x |")
-    dense_ppl = summaries["default"]["val_ppl_dense"]
+        lines.append(f"| {row} | {what} | {r['sparsity']:.3f} | {r['attn_skip']:.2f} / {r['mlp_skip']:.2f} | "
+                     f"{r['ppl']:.1f} ({r['lo']:.1f}-{r['hi']:.1f}, {r['n']} seed{'s' if r['n'] > 1 else ''}) | "
+                     + f"{r['ppl'] / ref:.2f} | {r['beyond']} | "
+                     + f"{zero_shot_avg} | {lambada} | {speeds[row][1]:.2f}x |")
+    dense_ppl = next(iter(summaries.values()))[0]["val_ppl_dense"]
     lines.append(f"\nDense: val ppl {dense_ppl:.1f}, prefill {speeds['dense'][0]:.0f} tokens/s. "
                  f"{'Quick form: ' + str(QUICK_STEPS) + ' training steps per row. ' if a.quick else ''}"
-                 f"Zero-shot and LAMBADA (default subsets, the run's own offset) for the default, joint and two-stage rows "
-                 f"and where the perplexity differs from the default row's by more than {ZERO_SHOT_PPL_RATIO}x.")
+                 f"Seeds {ABLATION_SEED}-{ABLATION_SEED + a.seeds - 1}; \"beyond the seed spread\": the row's range of "
+                 f"perplexities and the default row's do not overlap. Zero-shot and LAMBADA (default subsets, the first "
+                 f"seed's run, its own offset) for the default, joint and two-stage rows and where the perplexity differs "
+                 f"from the default row's by more than {ZERO_SHOT_PPL_RATIO}x.")
     table = "\n".join(lines)
-    plot_ablations(summaries, speeds, ref, d / "ablations.png", a.quick)
-    summary = {"rows": {row: {"val_ppl": s["val_ppl_routed"], "param_sparsity": s["val_param_sparsity"],
-                              "attn_skip": s["val_attn_skip"], "mlp_skip": s["val_mlp_skip"],
-                              "prefill_speedup": speeds[row][1],
-                              "zero_shot_avg": zs[row]["avg_acc"] if row in zs else None}
-                        for row, s in summaries.items()}, "quick": a.quick, "failed": sorted(failed)}
+    plot_ablations(rows, speeds, ref, d / "ablations.png", a.quick)
+    summary = {"rows": {row: rows[row] | {"prefill_speedup": speeds[row][1],
+                                          "zero_shot_avg": zs[row]["avg_acc"] if row in zs else None}
+                        for row in summaries}, "quick": a.quick, "seeds": a.seeds, "failed": sorted(failed)}
     write_study(d, "ablations", table, summary, d / "ablations.png")
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def ablation_rows(summaries):
+    """Per row: the mean over its seeds of perplexity and sparsity, the perplexities' range, and
+    whether that range and the default row's are apart (a difference larger than the seed spread)."""
+    rows = {}
+    for row, ss in summaries.items():
+        ppl = [s["val_ppl_routed"] for s in ss]
+        rows[row] = {"ppl": mean(ppl), "lo": min(ppl), "hi": max(ppl), "n": len(ss), "ppls": ppl,
+                     **{k: mean([s[v] for s in ss]) for k, v in (("sparsity", "val_param_sparsity"),
+                                                                 ("attn_skip", "val_attn_skip"), ("mlp_skip", "val_mlp_skip"))}}
+    lo, hi = rows["default"]["lo"], rows["default"]["hi"]
+    for row, r in rows.items():
+        r["beyond"] = "-" if row == "default" else (
+            "n/a (one seed)" if r["n"] < 2 or rows["default"]["n"] < 2 else
+            "yes, better" if r["hi"] < lo else "yes, worse" if r["lo"] > hi else "no")
+    return rows
 
 
 def row_summary(s):
@@ -453,22 +492,27 @@ def row_summary(s):
     return s
 
 
-def plot_ablations(summaries, speeds, ref, path, quick):
+def plot_ablations(rows, speeds, ref, path, quick):
     import plots  # noqa: F401
     import matplotlib.pyplot as plt
-    rows = list(summaries)
+    names = list(rows)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
-    y = range(len(rows))
-    for ax, values, xlabel in ((axes[0], [summaries[r]["val_ppl_routed"] for r in rows], "val perplexity (held-out general text)"),
-                               (axes[1], [summaries[r]["val_param_sparsity"] for r in rows], "param sparsity (val)"),
-                               (axes[2], [speeds[r][1] for r in rows], "prefill-512 speedup vs dense")):
-        ax.barh(y, values, color=["C1" if r == "default" else "C0" for r in rows])
+    y = range(len(names))
+    colors = ["C1" if r == "default" else "C0" for r in names]
+    ppl = [rows[r]["ppl"] for r in names]
+    err = [[rows[r]["ppl"] - rows[r]["lo"] for r in names], [rows[r]["hi"] - rows[r]["ppl"] for r in names]]
+    axes[0].barh(y, ppl, xerr=err, color=colors, capsize=3)
+    for ax, values in ((axes[1], [rows[r]["sparsity"] for r in names]), (axes[2], [speeds[r][1] for r in names])):
+        ax.barh(y, values, color=colors)
+    for ax, values, xlabel in ((axes[0], ppl, "val perplexity, held-out general text (mean, range over seeds)"),
+                               (axes[1], [rows[r]["sparsity"] for r in names], "param sparsity (val, mean)"),
+                               (axes[2], [speeds[r][1] for r in names], "prefill-512 speedup vs dense")):
         for i, v in zip(y, values):
             ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
         ax.set_xlabel(xlabel), ax.grid(alpha=0.3, axis="x")
     axes[0].axvline(ref, color="C1", lw=0.8)
     axes[2].axvline(1.0, color="black", lw=0.8)
-    axes[0].set_yticks(list(y), rows), axes[0].invert_yaxis()
+    axes[0].set_yticks(list(y), names), axes[0].invert_yaxis()
     fig.suptitle(f"SkipGPT stage-1 ablations on SmolLM2-135M ({QUICK_STEPS if quick else 100} steps, target 25%)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -479,6 +523,10 @@ def parse_args(argv=None):
     p = ArgumentParser(__doc__)
     p.add_argument("study", choices=["results", "headline", "ablations"])
     p.add_argument("--quick", action="store_true", help=f"ablations: {QUICK_STEPS} training steps per row, no zero-shot")
+    p.add_argument("--rows", nargs="+", default=[r[0] for r in ABLATIONS],
+                   help="ablations: only these rows (and the default row, always): "
+                        + " ".join(r[0] for r in ABLATIONS))
+    p.add_argument("--seeds", type=int, default=None, help="ablations: training seeds per row (default 3; quick form 1)")
     p.add_argument("--jobs", type=int, default=2, help="jobs at a time, one CPU thread each")
     p.add_argument("--out_dir", default=None, help="where results, logs and figures go")
     p.add_argument("--rerun_evals", action="store_true", help="evaluate again even where results exist")
@@ -487,6 +535,12 @@ def parse_args(argv=None):
         raise UserError("--jobs must be >= 1")
     if a.quick and a.study != "ablations":
         raise UserError("--quick is a form of the ablation study: python experiments.py ablations --quick")
+    unknown = [r for r in a.rows if r not in [row for row, _, _ in ABLATIONS]]
+    if unknown:
+        raise UserError(f"unknown ablation row(s) {', '.join(unknown)}; choose from {', '.join(r[0] for r in ABLATIONS)}")
+    a.seeds = a.seeds if a.seeds is not None else (1 if a.quick else 3)
+    if a.seeds < 1:
+        raise UserError("--seeds must be >= 1")
     return a
 
 

@@ -1,5 +1,6 @@
 """The study runner: jobs, dependencies, resumption, failures, and the interleaved speed measurement."""
 import sys
+import types
 
 import pytest
 import torch
@@ -112,3 +113,42 @@ def test_headline_commands_and_verdicts(tmp_path, monkeypatch, capsys):
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["minus_dense"][0] == pytest.approx(-0.25) and summary["minus_shortgpt_lora"][0] == pytest.approx(0.25)
     assert "does not match dense" in out and "above by more than two standard errors" in out
+
+
+def test_ablation_rows_with_seeds_and_one_row_as_one_command(tmp_path, monkeypatch, capsys):
+    # `--rows alpha-32`: that row and the default row, each over its seeds; mean, range and whether
+    # the ranges are apart; each run's command carries its own seed and the row's flags
+    import json
+    from pathlib import Path
+    ppl = {("default", 0): 80.0, ("default", 1): 90.0, ("alpha-32", 0): 100.0, ("alpha-32", 1): 120.0}
+    seen = {}
+
+    def fake_run_jobs(jobs, n_parallel, log_dir):
+        for j in jobs:
+            seen[j.name] = list(map(str, j.cmd))
+            row, k = j.output.parent.parent.name, int(j.output.parent.name.removeprefix("seed"))
+            j.output.parent.mkdir(parents=True, exist_ok=True)
+            j.output.write_text(json.dumps({"val_ppl_routed": ppl[row, k], "val_ppl_dense": 33.0, "val_param_sparsity": 0.25,
+                                            "val_attn_skip": 0.3, "val_mlp_skip": 0.25}))
+        return set()
+    monkeypatch.setattr(experiments, "run_jobs", fake_run_jobs)
+    monkeypatch.setattr(experiments, "timed_model", lambda path: (types.SimpleNamespace(tokenizer=None), None))
+    monkeypatch.setattr(experiments, "load_split", lambda *a: torch.zeros(2000, dtype=torch.long).numpy())
+    monkeypatch.setattr(experiments, "val_windows", lambda *a, **k: torch.zeros(1, 513, dtype=torch.long))
+    monkeypatch.setattr(bench, "prefill_speedups", lambda models, text, repeats: {m: (100.0, 1.1) for m in models})
+    monkeypatch.setattr(experiments, "plot_ablations", lambda *a: None)
+    experiments.main(["ablations", "--quick", "--rows", "alpha-32", "--seeds", "2", "--out_dir", str(tmp_path)])
+    assert sorted(seen) == ["train-alpha-32-seed0", "train-alpha-32-seed1", "train-default-seed0", "train-default-seed1"]
+    cmd = seen["train-alpha-32-seed1"]
+    assert cmd[cmd.index("--seed") + 1] == "1338" and cmd[cmd.index("--alpha") + 1] == "32"
+    assert cmd[cmd.index("--max_iters") + 1] == str(experiments.QUICK_STEPS)
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert rows["default"]["ppl"] == 85.0 and (rows["alpha-32"]["lo"], rows["alpha-32"]["hi"]) == (100.0, 120.0)
+    assert rows["alpha-32"]["beyond"] == "yes, worse"
+    assert Path(tmp_path / "ablations.md").read_text().count("| alpha-32 |") == 1
+    # overlapping ranges are not a finding
+    rows2 = experiments.ablation_rows({"default": [{"val_ppl_routed": v, "val_param_sparsity": 0.25, "val_attn_skip": 0.3,
+                                                    "val_mlp_skip": 0.2} for v in (80, 90)],
+                                       "x": [{"val_ppl_routed": v, "val_param_sparsity": 0.25, "val_attn_skip": 0.3,
+                                              "val_mlp_skip": 0.2} for v in (85, 95)]})
+    assert rows2["x"]["beyond"] == "no"
