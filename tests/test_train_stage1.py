@@ -392,3 +392,28 @@ def test_damaged_token_files_are_one_line(tiny, tmp_path, damaged):
     truncate(tmp_path / "data" / damaged, keep=0.9)
     with pytest.raises(UserError, match=f"{damaged.replace('.', '[.]')}.*prepare the data again"):
         train_stage1.main(args_for((base, tmp_path / "data"), tmp_path / "run", "--max_iters", "1"))
+
+
+def test_reference_results_are_computed_once_per_base_and_data(tmp_path):
+    # the dense model's and ShortGPT's validation figures are the same for every run: cached by
+    # (name, base fingerprint, the tensors' values); a damaged cache or a model without fingerprint recomputes
+    import types
+    from common import cached_reference
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"loss": float(len(calls))}
+    model = types.SimpleNamespace(source={"fingerprint": "abc"})
+    a, b = torch.arange(10), torch.arange(10) + 1
+    assert cached_reference(tmp_path, "dense", model, [a], compute) == {"loss": 1.0}
+    assert cached_reference(tmp_path, "dense", model, [a], compute) == {"loss": 1.0} and len(calls) == 1
+    assert cached_reference(tmp_path, "dense", model, [b], compute) == {"loss": 2.0}          # other windows
+    assert cached_reference(tmp_path, "shortgpt8", model, [a], compute) == {"loss": 3.0}      # another reference
+    other = types.SimpleNamespace(source={"fingerprint": "xyz"})
+    assert cached_reference(tmp_path, "dense", other, [a], compute) == {"loss": 4.0}          # another base
+    (tmp_path / "reference_cache.json").write_text("{not json")
+    assert cached_reference(tmp_path, "dense", model, [a], compute) == {"loss": 5.0}
+    built = types.SimpleNamespace(source={})
+    cached_reference(tmp_path, "dense", built, [a], compute), cached_reference(tmp_path, "dense", built, [a], compute)
+    assert len(calls) == 7
