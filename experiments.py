@@ -14,13 +14,16 @@ the speeds are measured, alone and interleaved (bench.prefill_speedups), and the
 table, its figures and a JSON file, and prints the table.
 
 results (out/results/):
-  rows      dense; dense + LoRA; SkipGPT stage 1 at 25% and 40% of block parameters; stage 1 + LoRA
-            at 25%; ShortGPT and attention drop at the sparsity SkipGPT reached on the evaluation text
-            (attention drop on the module count where parameters are out of its reach).
+  rows      dense; dense + LoRA; at 10%, 25% and 40% of block parameters (RESULT_SPARSITIES): SkipGPT
+            stage 1 trained for it, the same + LoRA, ShortGPT and attention drop at the sparsity that
+            SkipGPT reached on the evaluation text (attention drop on the module count where parameters
+            are out of its reach), ShortGPT with as many blocks removed + the same LoRA (the fair static
+            control); the 25% routers recalibrated to 10% and 40% (the knob).
   sparsity  eval.py --sparsity S recalibrates each routed model's offset on text like the evaluation's
             (held-out task documents and LAMBADA passages), so rows compare at the sparsity named.
-  curve     the default stage-1 routers at several sparsities beside ShortGPT at the same ones:
-            quality_vs_sparsity.png, the headline figure.
+  accuracy  per task the metric lm-evaluation-harness reports (tasks.HARNESS_METRIC), their average, and
+            plain acc's average beside it; BoolQ's majority-class rate under the table.
+  curve     quality_vs_sparsity.png: LAMBADA perplexity and the average against the sparsity reached.
   speed     prefill of 512 tokens of general text (LAMBADA), every model's own routing on the fast path.
 headline (out/headline/):
   the paper's claim, measured: stage 1 at 40% of block parameters then LoRA (out/stage1-t0.40,
@@ -63,7 +66,6 @@ from lora import merge_lora
 from router import Routing, block_params
 
 PY = sys.executable
-SWEEP = (0.10, 0.25, 0.40)             # sparsities of the quality-vs-sparsity curve (0.25: the table's row)
 ZERO_SHOT_PPL_RATIO = 1.5              # ablation rows this far from the default row's perplexity get zero-shot
 QUICK_STEPS = 30
 ABLATION_SEED = 1337                   # the first seed of every ablation row (the training scripts' default)
@@ -159,59 +161,62 @@ def load_for_speed(result, base_path):
 # ----------------------------------------------------------------------------------------------
 # The results study
 
-def results_rows(d):
-    """(name, label, job) for every evaluated model, and the training jobs they need."""
-    train = [Job("train-stage1", [PY, "train_stage1.py", "--threads", "1"], "out/stage1/summary.json"),
-             Job("train-stage1-t0.40", [PY, "train_stage1.py", "--target_sparsity", "0.4", "--out_dir", "out/stage1-t0.40",
-                                        "--threads", "1"], "out/stage1-t0.40/summary.json"),
-             Job("train-stage2", [PY, "train_stage2.py", "--threads", "1"], "out/stage2/summary.json", ["train-stage1"]),
-             Job("train-stage2-dense", [PY, "train_stage2.py", "--dense", "true", "--threads", "1"],
-                 "out/stage2-dense/summary.json", ["train-stage1"])]
+RESULT_SPARSITIES = (0.10, 0.25, 0.40)  # SkipGPT trained for each, the static baselines matched to each
+
+
+def results_rows(d, n_layers):
+    """(name, label, job) for every evaluated model, the training jobs they need, and the knob's jobs
+    (the 25% routers recalibrated to the other sparsities)."""
+    def run(s):
+        return "out/stage1" if s == 0.25 else f"out/stage1-t{s:.2f}"
+
+    def lora_run(s):
+        return "out/stage2" if s == 0.25 else f"out/stage2-t{s:.2f}"
+    train = [Job("train-stage2-dense", [PY, "train_stage2.py", "--dense", "true", "--threads", "1"],
+                 "out/stage2-dense/summary.json")]
     rows = [("dense", "dense SmolLM2-135M", Job("dense", eval_cmd(d / "dense.json"), d / "dense.json")),
             ("dense+lora", "dense + LoRA", Job("dense+lora", eval_cmd(d / "dense+lora.json", "--model", "out/stage2-dense"),
-                                               d / "dense+lora.json", ["train-stage2-dense"])),
-            ("skipgpt-0.25", "SkipGPT stage 1, 25%", Job("skipgpt-0.25", eval_cmd(d / "skipgpt-0.25.json", "--model", "out/stage1",
-                                                                                  "--sparsity", 0.25), d / "skipgpt-0.25.json", ["train-stage1"])),
-            ("skipgpt-0.40", "SkipGPT stage 1, 40%", Job("skipgpt-0.40", eval_cmd(d / "skipgpt-0.40.json", "--model", "out/stage1-t0.40",
-                                                                                  "--sparsity", 0.4), d / "skipgpt-0.40.json", ["train-stage1-t0.40"])),
-            ("skipgpt-0.25+lora", "SkipGPT stage 1 + LoRA, 25%",
-             Job("skipgpt-0.25+lora", eval_cmd(d / "skipgpt-0.25+lora.json", "--model", "out/stage2", "--sparsity", 0.25),
-                 d / "skipgpt-0.25+lora.json", ["train-stage2"]))]
-    for s in ("0.25", "0.40"):  # the static baselines at the sparsity the routed model reached on the eval text
-        src = d / f"skipgpt-{s}.json"
-        p = lambda src=src: read(src)["sparsity"]
-        rows.append((f"shortgpt@{s}", f"ShortGPT at SkipGPT-{s[2:]}%'s sparsity",
-                     Job(f"shortgpt@{s}", lambda s=s, p=p: eval_cmd(d / f"shortgpt@{s}.json", "--shortgpt_match",
-                                                                    "--match_sparsity", round(p()["param_sparsity"], 4)),
-                         d / f"shortgpt@{s}.json", [f"skipgpt-{s}"])))
-        rows.append((f"attention-drop@{s}", f"attention drop at SkipGPT-{s[2:]}%'s sparsity",
-                     Job(f"attention-drop@{s}", lambda s=s, p=p: eval_cmd(
-                         d / f"attention-drop@{s}.json", "--attention_drop_match", "--match_sparsity",
-                         round(p()["param_sparsity"], 4), "--match_modules", round(p()["module_sparsity"], 4)),
-                         d / f"attention-drop@{s}.json", [f"skipgpt-{s}"])))
-    curve = []
-    for s in SWEEP:
-        name = f"skipgpt-0.25@{s:.2f}"
-        if s == 0.25:
-            name = "skipgpt-0.25"
-        else:
-            curve.append(Job(name, eval_cmd(d / f"{name}.json", "--model", "out/stage1", "--sparsity", s),
-                             d / f"{name}.json", ["train-stage1"]))
-        src = d / f"{name}.json"
-        if s not in (0.25, 0.40):
-            curve.append(Job(f"shortgpt@{s:.2f}", lambda s=s, src=src: eval_cmd(
-                d / f"shortgpt@{s:.2f}.json", "--shortgpt_match", "--match_sparsity",
-                round(read(src)["sparsity"]["param_sparsity"], 4)), d / f"shortgpt@{s:.2f}.json", [name]))
-    return train, rows, curve
+                                               d / "dense+lora.json", ["train-stage2-dense"]))]
+    for sp in RESULT_SPARSITIES:
+        s, pct = f"{sp:.2f}", f"{sp:.0%}"
+        blocks = baselines.blocks_for_param_sparsity(n_layers, sp)
+        train += [Job(f"train-stage1-{s}", [PY, "train_stage1.py", "--target_sparsity", s, "--out_dir", run(sp), "--threads", "1"],
+                      f"{run(sp)}/summary.json"),
+                  Job(f"train-stage2-{s}", [PY, "train_stage2.py", "--init_from", run(sp), "--out_dir", lora_run(sp),
+                                            "--threads", "1"], f"{lora_run(sp)}/summary.json", [f"train-stage1-{s}"]),
+                  Job(f"train-shortgpt{blocks}+lora", [PY, "train_stage2.py", "--shortgpt", str(blocks), "--out_dir",
+                                                       f"out/stage2-shortgpt{blocks}", "--threads", "1"],
+                      f"out/stage2-shortgpt{blocks}/summary.json")]
+        reached = lambda src=d / f"skipgpt-{s}.json": read(src)["sparsity"]  # what SkipGPT skipped of the evaluated text
+        rows += [(f"skipgpt-{s}", f"SkipGPT stage 1, {pct}", Job(f"skipgpt-{s}", eval_cmd(
+                     d / f"skipgpt-{s}.json", "--model", run(sp), "--sparsity", s), d / f"skipgpt-{s}.json", [f"train-stage1-{s}"])),
+                 (f"skipgpt-{s}+lora", f"SkipGPT stage 1 + LoRA, {pct}", Job(f"skipgpt-{s}+lora", eval_cmd(
+                     d / f"skipgpt-{s}+lora.json", "--model", lora_run(sp), "--sparsity", s), d / f"skipgpt-{s}+lora.json",
+                     [f"train-stage2-{s}"])),
+                 (f"shortgpt@{s}", f"ShortGPT at SkipGPT-{pct}'s sparsity", Job(f"shortgpt@{s}", lambda s=s, p=reached: eval_cmd(
+                     d / f"shortgpt@{s}.json", "--shortgpt_match", "--match_sparsity", round(p()["param_sparsity"], 4)),
+                     d / f"shortgpt@{s}.json", [f"skipgpt-{s}"])),
+                 (f"shortgpt{blocks}+lora", f"ShortGPT ({blocks} blocks) + LoRA, {pct}", Job(f"shortgpt{blocks}+lora", eval_cmd(
+                     d / f"shortgpt{blocks}+lora.json", "--model", f"out/stage2-shortgpt{blocks}"),
+                     d / f"shortgpt{blocks}+lora.json", [f"train-shortgpt{blocks}+lora"])),
+                 (f"attention-drop@{s}", f"attention drop at SkipGPT-{pct}'s sparsity", Job(
+                     f"attention-drop@{s}", lambda s=s, p=reached: eval_cmd(
+                         d / f"attention-drop@{s}.json", "--attention_drop_match", "--match_sparsity", round(p()["param_sparsity"], 4),
+                         "--match_modules", round(p()["module_sparsity"], 4)), d / f"attention-drop@{s}.json", [f"skipgpt-{s}"]))]
+    knob = [(f"skipgpt-0.25@{sp:.2f}", f"SkipGPT 25% routers, recalibrated to {sp:.0%}", Job(
+                f"skipgpt-0.25@{sp:.2f}", eval_cmd(d / f"skipgpt-0.25@{sp:.2f}.json", "--model", run(0.25), "--sparsity", f"{sp:.2f}"),
+                d / f"skipgpt-0.25@{sp:.2f}.json", ["train-stage1-0.25"])) for sp in RESULT_SPARSITIES if sp != 0.25]
+    return train, rows + knob
 
 
 def study_results(a):
     d = Path(a.out_dir or "out/results")
-    train, rows, curve = results_rows(d)
+    base = load(ensure_default_model())
+    train, rows = results_rows(d, base.args.n_layers)
     if a.rerun_evals:
-        for j in [r[2] for r in rows] + curve:
+        for j in [r[2] for r in rows]:
             j.output.unlink(missing_ok=True)
-    failed = run_jobs(train + [r[2] for r in rows] + curve, a.jobs, d / "logs")
+    failed = run_jobs(train + [r[2] for r in rows], a.jobs, d / "logs")
     results = {name: read(job.output) for name, _, job in rows if job.output.exists()}
     if "dense" not in results:
         raise UserError(f"the dense evaluation failed; see {d / 'logs' / 'dense.log'}")
@@ -219,15 +224,15 @@ def study_results(a):
     # -- speed: prefill of 512 tokens of general text (the first LAMBADA passages), every model as evaluated
     print(f"measuring speed (prefill of 512 tokens of LAMBADA text, 2 threads, interleaved, median of {SPEED_REPEATS}) ...")
     base_path = assets.DEFAULT_MODEL_DIR
-    tok = load(base_path).tokenizer
-    text = general_windows(tok, block=512)[:1, :512]
+    text = general_windows(base.tokenizer, block=512)[:1, :512]
     speeds = bench.prefill_speedups({name: load_for_speed(r, base_path) for name, r in results.items()}, text, repeats=SPEED_REPEATS)
 
-    # -- the table
-    dense_avg = results["dense"]["avg_acc"]
+    # -- the table: the harness metric per task (tasks.HARNESS_METRIC), their average, and plain acc's average
+    dense = results["dense"]
     lines = ["| model | param sparsity (attn / MLP skip) | general ppl | plays ppl | LAMBADA ppl | "
-             + " | ".join(tasks.TASKS) + " | avg acc (% of dense) | prefill speedup |",
-             "|---" * (len(tasks.TASKS) + 7) + "|"]
+             + " | ".join(f"{t} ({tasks.HARNESS_METRIC[t]})" for t in tasks.TASKS)
+             + " | average (% of dense) | average acc | prefill speedup |",
+             "|---" * (len(tasks.TASKS) + 8) + "|"]
     for name, label, _ in rows:
         if name not in results:
             lines.append(f"| {label} | (failed: see {d / 'logs' / (name + '.log')}) |")
@@ -235,57 +240,63 @@ def study_results(a):
         r, sp = results[name], results[name]["sparsity"]
         lines.append(f"| {label} | {sp['param_sparsity']:.3f} ({sp['attn_skip']:.2f} / {sp['mlp_skip']:.2f}) | "
                      f"{r['ppl']['general']:.1f} | {r['ppl']['shakespeare']:.1f} | {r['ppl']['lambada']:.1f} | "
-                     + " | ".join(f"{r['tasks'][t]['acc']:.3f}" for t in tasks.TASKS)
-                     + f" | {r['avg_acc']:.3f} ({r['avg_acc'] / dense_avg:.0%}) | {speeds[name][1]:.2f}x |")
-    n = {t: results["dense"]["tasks"][t]["n"] for t in tasks.TASKS}
-    p = {t: results["dense"]["tasks"][t]["acc"] for t in tasks.TASKS}
+                     + " | ".join(f"{r['tasks'][t][tasks.HARNESS_METRIC[t]]:.3f}" for t in tasks.TASKS)
+                     + f" | {r['avg_harness']:.3f} ({r['avg_harness'] / dense['avg_harness']:.0%}) | {r['avg_acc']:.3f} "
+                     f"| {speeds[name][1]:.2f}x |")
+    n = {t: dense["tasks"][t]["n"] for t in tasks.TASKS}
+    p = {t: dense["tasks"][t][tasks.HARNESS_METRIC[t]] for t in tasks.TASKS}
     se_avg = math.sqrt(sum(p[t] * (1 - p[t]) / n[t] for t in tasks.TASKS)) / len(tasks.TASKS)
-    se_task = max(math.sqrt(p[t] * (1 - p[t]) / n[t]) for t in tasks.TASKS)
-    lines.append(f"\nDocuments per task: {', '.join(f'{t} {n[t]}' for t in tasks.TASKS)}. Standard error of one task's "
-                 f"accuracy up to {se_task:.3f}, of the average {se_avg:.3f}: smaller differences are noise.")
+    lines.append(f"\nDocuments per task: {', '.join(f'{t} {n[t]}' for t in tasks.TASKS)}. Standard error of the "
+                 f"average {se_avg:.3f} (unpaired; `python experiments.py headline` gives paired ones on 1,000 documents). "
+                 f"BoolQ's majority class is {dense['tasks']['boolq']['majority']:.3f} of its documents: dense is below it, so "
+                 f"a model that drifts toward one answer gains there without being better.")
     table = "\n".join(lines)
 
-    # -- the headline figure
-    points = {"SkipGPT (out/stage1 routers, recalibrated)": [], "ShortGPT": [], "attention drop": []}
-    for job in [r[2] for r in rows] + curve:  # this study's outputs only, not whatever else lies in d
-        if not job.output.exists():
-            continue
-        r = read(job.output)
-        key = ("SkipGPT (out/stage1 routers, recalibrated)" if job.name.startswith("skipgpt-0.25") and "lora" not in job.name
-               else {"shortgpt": "ShortGPT", "attention_drop": "attention drop"}.get(r["kind"]))
-        if key:
-            points[key].append((r["sparsity"]["param_sparsity"], r["ppl"]["lambada"], r["ppl"]["shakespeare"], r["avg_acc"]))
-    extra = {"SkipGPT trained for 40%": results.get("skipgpt-0.40")}
-    plot_quality(points, results["dense"], extra, d / "quality_vs_sparsity.png")
-    summary = {"rows": {name: {**{k: results[name][k] for k in ("ppl", "avg_acc", "sparsity")},
-                               "tasks": {t: results[name]["tasks"][t]["acc"] for t in tasks.TASKS},
+    # -- the headline figure: quality against the sparsity reached on the evaluated text
+    points = {"SkipGPT (trained for each sparsity)": [], "SkipGPT 25% routers, recalibrated": [], "ShortGPT": [],
+              "attention drop": [], "SkipGPT + LoRA": [], "ShortGPT + LoRA": []}
+    for name, r in results.items():
+        for key in quality_curves(name, r["kind"]):
+            points[key].append((r["sparsity"]["param_sparsity"], r["ppl"]["lambada"], r["ppl"]["general"], r["avg_harness"]))
+    plot_quality(points, dense, d / "quality_vs_sparsity.png")
+    summary = {"rows": {name: {**{k: results[name][k] for k in ("ppl", "avg_acc", "avg_acc_norm", "avg_harness", "sparsity")},
+                               "tasks": {t: {k: results[name]["tasks"][t][k] for k in ("acc", "acc_norm", "n", "majority")}
+                                         for t in tasks.TASKS},
                                "prefill_tokens_per_s": speeds[name][0], "prefill_speedup": speeds[name][1]}
                         for name in results},
-               "curve": points, "se_avg_acc": se_avg, "failed": sorted(failed)}
+               "curve": points, "se_avg": se_avg, "failed": sorted(failed)}
     write_study(d, "results", table, summary, d / "quality_vs_sparsity.png")
 
 
-def plot_quality(points, dense, extra, path):
+def quality_curves(name, kind):
+    """The curves of the quality figure a results row belongs to (the 25% routers' own row: two)."""
+    if name.startswith("skipgpt"):
+        if "lora" in name:
+            return ["SkipGPT + LoRA"]
+        if "@" in name:
+            return ["SkipGPT 25% routers, recalibrated"]
+        return ["SkipGPT (trained for each sparsity)"] + (["SkipGPT 25% routers, recalibrated"] if name == "skipgpt-0.25" else [])
+    return {"shortgpt": ["ShortGPT"], "attention_drop": ["attention drop"], "shortgpt+lora": ["ShortGPT + LoRA"]}.get(kind, [])
+
+
+def plot_quality(points, dense, path):
     import plots  # noqa: F401  (Agg backend)
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    styles = {"SkipGPT (out/stage1 routers, recalibrated)": "o-", "ShortGPT": "^--", "attention drop": "s:"}
+    styles = {"SkipGPT (trained for each sparsity)": "o-", "SkipGPT 25% routers, recalibrated": "o:",
+              "ShortGPT": "^--", "attention drop": "s:", "SkipGPT + LoRA": "*-", "ShortGPT + LoRA": "v--"}
     for key, pts in points.items():
         if not pts:
             continue
         pts = sorted(pts)
         x = [0.0] + [q[0] for q in pts]
         a.plot(x, [dense["ppl"]["lambada"]] + [q[1] for q in pts], styles[key], label=key)
-        b.plot(x, [dense["avg_acc"]] + [q[3] for q in pts], styles[key], label=key)
-    for key, r in extra.items():
-        if r:
-            a.plot(r["sparsity"]["param_sparsity"], r["ppl"]["lambada"], "*", ms=12, label=key)
-            b.plot(r["sparsity"]["param_sparsity"], r["avg_acc"], "*", ms=12, label=key)
+        b.plot(x, [dense["avg_harness"]] + [q[3] for q in pts], styles[key], label=key)
     a.set_yscale("log"), a.set_ylabel("LAMBADA perplexity (log)")
-    b.set_ylabel("average zero-shot accuracy (7 tasks)")
+    b.set_ylabel("7-task average (lm-evaluation-harness metric per task)")
     for ax in (a, b):
         ax.set_xlabel("block parameters skipped on the evaluation text"), ax.grid(alpha=0.3, which="both")
-    b.legend(fontsize=8)
+    b.legend(fontsize=7)
     fig.suptitle("SmolLM2-135M: quality against sparsity, dynamic (SkipGPT) vs static pruning")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -152,3 +152,54 @@ def test_ablation_rows_with_seeds_and_one_row_as_one_command(tmp_path, monkeypat
                                        "x": [{"val_ppl_routed": v, "val_param_sparsity": 0.25, "val_attn_skip": 0.3,
                                               "val_mlp_skip": 0.2} for v in (85, 95)]})
     assert rows2["x"]["beyond"] == "no"
+
+
+def test_results_study_rows_and_table(tmp_path, monkeypatch, capsys):
+    # every row's command, and a table in the harness metric, from hand-written evaluation outputs
+    import json
+    from tiny import tiny_model
+    import tasks
+    model = tiny_model(n_layers=30)
+    monkeypatch.setattr(experiments, "ensure_default_model", lambda: "base")
+    monkeypatch.setattr(experiments, "load", lambda path: model)
+    monkeypatch.setattr(experiments, "general_windows", lambda tok, block: torch.zeros(1, 513, dtype=torch.long))
+    monkeypatch.setattr(experiments, "load_for_speed", lambda r, base: (None, None))
+    monkeypatch.setattr(bench, "prefill_speedups", lambda models, text, repeats: {m: (100.0, 1.2) for m in models})
+    monkeypatch.setattr(experiments, "plot_quality", lambda *a: None)
+    seen = {}
+
+    def fake_run_jobs(jobs, n_parallel, log_dir):
+        for j in jobs:
+            cmd = list(map(str, j.cmd() if callable(j.cmd) else j.cmd)) if not j.name.startswith(("shortgpt@", "attention-drop@")) else None
+            seen[j.name] = cmd
+            if j.name.startswith("train"):
+                continue
+            kind = ("shortgpt+lora" if j.name.startswith("shortgpt") and "lora" in j.name else "shortgpt" if j.name.startswith("shortgpt")
+                    else "attention_drop" if j.name.startswith("attention") else "dense" if j.name.startswith("dense") else "routed")
+            task = {t: {"acc": 0.5, "acc_norm": 0.6 if tasks.HARNESS_METRIC[t] == "acc_norm" else 0.1, "n": 10, "majority": 0.62}
+                    for t in tasks.TASKS}
+            j.output.parent.mkdir(parents=True, exist_ok=True)
+            j.output.write_text(json.dumps({"kind": kind, "tasks": task, "avg_acc": 0.5, "avg_acc_norm": 0.4, "avg_harness": 0.55,
+                                            "sparsity": {"param_sparsity": 0.25, "module_sparsity": 0.27, "attn_skip": 0.3, "mlp_skip": 0.25},
+                                            "ppl": {"general": 50.0, "shakespeare": 60.0, "lambada": 70.0}}))
+        for j in jobs:  # the matched baselines' commands read SkipGPT's results: build them now
+            if seen[j.name] is None:
+                seen[j.name] = list(map(str, j.cmd()))
+        return set()
+    monkeypatch.setattr(experiments, "run_jobs", fake_run_jobs)
+    experiments.main(["results", "--out_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    # SkipGPT trained for 10/25/40%, each evaluated recalibrated to its sparsity; ShortGPT + LoRA with 3, 7, 12 blocks
+    for s, blocks in (("0.10", 3), ("0.25", 7), ("0.40", 12)):
+        assert seen[f"train-stage1-{s}"][seen[f"train-stage1-{s}"].index("--target_sparsity") + 1] == s
+        assert seen[f"skipgpt-{s}+lora"][seen[f"skipgpt-{s}+lora"].index("--sparsity") + 1] == s
+        assert seen[f"train-shortgpt{blocks}+lora"][seen[f"train-shortgpt{blocks}+lora"].index("--shortgpt") + 1] == str(blocks)
+        assert seen[f"shortgpt@{s}"][seen[f"shortgpt@{s}"].index("--match_sparsity") + 1] == "0.25"  # what SkipGPT reached
+    assert seen["skipgpt-0.25@0.40"][seen["skipgpt-0.25@0.40"].index("--model") + 1] == "out/stage1"
+    # the harness metric per task: acc_norm (0.6) for PIQA, acc (0.5) for BoolQ; the majority rate beside
+    table = (tmp_path / "results.md").read_text()
+    assert "piqa (acc_norm)" in table and "boolq (acc)" in table and "0.620 of its documents" in table
+    row = next(line for line in table.splitlines() if line.startswith("| SkipGPT stage 1, 25% |"))
+    assert row.split(" | ")[5:7] == ["0.500", "0.600"] and "0.550 (100%)" in row and row.endswith("| 1.20x |")
+    assert experiments.quality_curves("skipgpt-0.25", "routed") == ["SkipGPT (trained for each sparsity)",
+                                                                     "SkipGPT 25% routers, recalibrated"]
