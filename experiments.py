@@ -315,7 +315,7 @@ def study_headline(a):
     base = load(ensure_default_model())
     n_blocks = baselines.blocks_for_param_sparsity(base.args.n_layers, HEADLINE_SPARSITY)
     s = f"{HEADLINE_SPARSITY:.2f}"
-    limits = ["--limit", HEADLINE_LIMIT, "--hellaswag_limit", HEADLINE_LIMIT]
+    limits = ["--limit", a.limit, "--hellaswag_limit", a.limit]
     train = [Job("train-stage1", [PY, "train_stage1.py", "--target_sparsity", s, "--out_dir", f"out/stage1-t{s}", "--threads", "1"],
                  f"out/stage1-t{s}/summary.json"),
              Job("train-stage2", [PY, "train_stage2.py", "--init_from", f"out/stage1-t{s}", "--out_dir", f"out/stage2-t{s}",
@@ -539,9 +539,13 @@ def parse_args(argv=None):
                         + " ".join(r[0] for r in ABLATIONS))
     p.add_argument("--seeds", type=int, default=None, help="ablations: training seeds per row (default 3; quick form 1)")
     p.add_argument("--jobs", type=int, default=2, help="jobs at a time, one CPU thread each")
+    p.add_argument("--limit", type=int, default=HEADLINE_LIMIT,
+                   help=f"headline: the first N documents of every task, HellaSwag included (default {HEADLINE_LIMIT})")
     p.add_argument("--out_dir", default=None, help="where results, logs and figures go")
     p.add_argument("--rerun_evals", action="store_true", help="evaluate again even where results exist")
     a = p.parse_args(argv)
+    if a.limit < 1:
+        raise UserError("--limit must be >= 1")
     if a.jobs < 1:
         raise UserError("--jobs must be >= 1")
     if a.quick and a.study != "ablations":
