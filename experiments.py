@@ -1,6 +1,6 @@
 """The project's studies, each one command: the results table, the paper's headline, the ablations.
 
-    python experiments.py results             # dense, LoRA, SkipGPT at 25% / 40%, static baselines (~1.5 h on 2 cores)
+    python experiments.py results             # dense, LoRA, SkipGPT at 10 / 25 / 40%, static baselines, with LoRA too (hours)
     python experiments.py headline            # 40% + LoRA against dense and ShortGPT + LoRA, 1,000 documents per task
     python experiments.py ablations           # router kind, MLP router input, weighting, budget, K/V, joint, alpha; 3 seeds
     python experiments.py ablations --quick   # the same rows, 30 training steps, no zero-shot (~25 min)

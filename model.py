@@ -470,7 +470,17 @@ class TransformerBlock(nn.Module):
     def _gate(self, router, x, routing, module, start_pos=0):
         if self.layer_id < self.router_cfg.protect_first:  # always executes: no decision, no gradient
             return torch.ones(x.shape[:2], device=x.device)
-        return routing.gate(router(x), self.layer_id, module, start_pos)
+        return self._protect_tokens(routing.gate(router(x), self.layer_id, module, start_pos), routing, start_pos)
+
+    def _protect_tokens(self, gates, routing, start_pos):
+        """The first protect_first_tokens positions of a sequence always execute: every later token
+        attends to the first one (the attention sink), so skipping a sublayer there changes them all.
+        Decisions given explicitly (mode "force") are left as they are."""
+        n = self.router_cfg.protect_first_tokens - start_pos
+        if n <= 0 or routing.mode == "force":
+            return gates
+        first = torch.arange(gates.shape[-1], device=gates.device) < n                 # (T,)
+        return torch.where(first, torch.ones_like(gates), gates)
 
     def _gate_pair(self, x, xn, routing, start_pos=0):
         """Both gates of the block from the block input x: (2, B, T), and, when the routers are folded
@@ -492,9 +502,9 @@ class TransformerBlock(nn.Module):
             if keep:
                 k, v = out[..., r:].split(nkv, dim=-1)
                 kv = (k.unflatten(-1, (-1, self.attention.head_dim)), v.unflatten(-1, (-1, self.attention.head_dim)))
-            return routing.gate_pair(logits, self.layer_id, start_pos), kv
-        return torch.stack([routing.gate(self.attention_router(x), self.layer_id, 0, start_pos),
-                            routing.gate(self.ffn_router(x), self.layer_id, 1, start_pos)]), None
+            return self._protect_tokens(routing.gate_pair(logits, self.layer_id, start_pos), routing, start_pos), kv
+        return torch.stack([self._gate(self.attention_router, x, routing, 0, start_pos),
+                            self._gate(self.ffn_router, x, routing, 1, start_pos)]), None
 
 
 # ----------------------------------------------------------------------------------------------

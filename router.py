@@ -30,6 +30,7 @@ class RouterConfig:
     init: str = "execute"       # execute: bias (+2, -2), ~2% skip at start | paper: Kaiming weight, zero bias
     kv: str = "keep"            # K/V of a token that skips attention: keep (computed, attended to) | evict
     protect_first: int = 2      # the first blocks always execute (block 0's MLP makes the massive activations)
+    protect_first_tokens: int = 1  # the first tokens of a sequence always execute (the first is the attention sink)
 
     def __post_init__(self):
         for name, allowed in [("kind", ("linear", "mlp")), ("mlp_input", ("block", "post_attn")),

@@ -60,6 +60,8 @@ class Settings(TrainSettings):
     router_init: str = setting("execute", "execute: bias (+2, -2) so ~2% skip at start | paper: zero bias")
     kv: str = setting("keep", "K/V of a token that skips attention: keep (still attended to) | evict")
     protect_first: int = setting(2, "the first N blocks always execute")
+    protect_first_tokens: int = setting(1, "the first N tokens of a sequence always execute (the first is the "
+                                           "attention sink every later token reads)")
     calibrate: bool = setting(True, "after training, calibrate a logit offset so deterministic routing hits the target")
     val_sampled: bool = setting(False, "also validate under Gumbel-sampled gates (how the authors' code evaluates)")
     gate_estimator: str = setting("ste", "gradient of the hard Gumbel gates: ste (straight-through, the method) | "
@@ -95,7 +97,8 @@ class Settings(TrainSettings):
 
     def router_config(self):
         return RouterConfig(kind=self.router_kind, mlp_input=self.mlp_input, normalize=self.router_norm,
-                            init=self.router_init, kv=self.kv, protect_first=self.protect_first)
+                            init=self.router_init, kv=self.kv, protect_first=self.protect_first,
+                            protect_first_tokens=self.protect_first_tokens)
 
     def lora_config(self):  # the joint ablation's adapters
         return {"targets": list(lora.DEFAULT_TARGETS), "r": self.joint_lora_r, "alpha": 2.0 * self.joint_lora_r,
@@ -103,14 +106,14 @@ class Settings(TrainSettings):
 
 
 # The paper's recipe, as its text states it: raw residual input, Kaiming weight + zero bias,
-# module-count sparsity, alpha 8, constant lr 2e-3, CE loss, no warm-up, no protected blocks, the
+# module-count sparsity, alpha 8, constant lr 2e-3, CE loss, no warm-up, no protected blocks or tokens, the
 # MLP router reading the post-attention state, no calibration, and validation under sampled gates
 # beside the deterministic one. Where the authors' code differs, README's deviations table says so.
 RECIPES = {
     "skipgpt": {},
     "paper": dict(router_norm=False, router_init="paper", weighting="modules", alpha=8.0, learning_rate=2e-3,
                   lr_schedule="constant", warmup_iters=0, weight_decay=0.01, distill=False, sparsity_warmup=0.0,
-                  protect_first=0, mlp_input="post_attn", calibrate=False, val_sampled=True),
+                  protect_first=0, protect_first_tokens=0, mlp_input="post_attn", calibrate=False, val_sampled=True),
 }
 
 

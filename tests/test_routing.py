@@ -55,6 +55,51 @@ def test_protected_blocks_always_execute():
     assert g[:2].eq(1).all() and g[2].eq(0).all()
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_first_tokens_always_execute(fuse):
+    # routers that skip everything: only the first protect_first_tokens positions of a sequence still
+    # run, in training (Gumbel, no gradient there), inference (masked, fast, cached); forced decisions stay
+    model = routed_model(protect_first_tokens=2)
+    with torch.no_grad():
+        for layer in model.layers:
+            for r in (layer.attention_router, layer.ffn_router):
+                r.proj.bias.copy_(torch.tensor([-50.0, 50.0]))
+    if fuse:
+        model.fuse_weights()
+    x = torch.randint(0, 101, (2, 10))
+    for routing in (Routing(mode="hard"), Routing(mode="hard", fast=True), Routing(mode="sample")):
+        _, _, g = model(x, routing=routing)
+        assert g[..., :2].eq(1).all() and g[..., 2:].eq(0).all()
+    _, _, g = model(x[:, 4:], routing=Routing(mode="hard", fast=True), start_pos=4)  # later positions: not protected
+    assert g.eq(0).all()
+    _, _, g = model(x, routing=Routing(mode="force", force=torch.zeros(3, 2, 2, 10)))
+    assert g.eq(0).all()
+    # generation with the KV cache executes the prompt's first two tokens, then skips everything
+    with torch.no_grad():
+        seen = []
+        model.generate(x[:1, :3], 3, temperature=0, routing=Routing(mode="hard", fast=True),
+                       on_token=lambda nxt, gates: seen.append(gates.float().mean().item()))
+    assert seen[-1] == 0.0
+    # Gumbel training: the protected positions are 1 and pass no gradient to the routers
+    model.drop_fused()
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    bias = model.layers[1].attention_router.proj.bias
+    bias.requires_grad_(True)
+    _, _, g = model(x, routing=Routing(mode="gumbel", tau=1.0))
+    assert g[..., :2].eq(1).all()
+    g[1, 0, :, :2].sum().backward()
+    assert bias.grad is None or bias.grad.abs().sum() == 0
+    # protect_first_tokens=0 (the paper): the first token skips like any other
+    plain = routed_model(protect_first_tokens=0)
+    with torch.no_grad():
+        for layer in plain.layers:
+            layer.attention_router.proj.bias.copy_(torch.tensor([-50.0, 50.0]))
+    _, _, g = plain(x, routing=Routing(mode="hard"))
+    assert g[:, 0].eq(0).all()
+
+
 @pytest.mark.parametrize("kv", ["keep", "evict"])
 @pytest.mark.parametrize("weighting", ["modules", "params"])
 def test_sparsity_loss_matches_hand_computation(weighting, kv):
@@ -365,7 +410,7 @@ def test_fused_weights_are_not_used_where_they_would_be_wrong():
     with torch.no_grad():
         model.layers[2].ffn_router.proj.bias.add_(torch.tensor([-50.0, 50.0]))  # now always skips
     _, _, gates = model(x, routing=Routing(mode="hard", fast=True))
-    assert gates[2, 1].eq(0).all()
+    assert gates[2, 1, :, 1:].eq(0).all()  # (the first token always executes)
 
 
 @pytest.mark.parametrize("kv", ["keep", "evict"])
