@@ -405,6 +405,9 @@ def build(a, path, base_path, device, ctx):
         if model.router_cfg is None:
             return model, label, None, {"kind": "dense"}
         info = {"kind": "routed", "offset": model.routing_offset}
+        if a.protect_first_tokens is not None:  # an inference-time ablation of the rule the run was trained with
+            info["protect_first_tokens"] = a.protect_first_tokens
+            model.set_router_config(dataclasses.replace(model.router_cfg, protect_first_tokens=a.protect_first_tokens))
         if a.sparsity is not None:
             print(f"calibrating the routing offset to skip {a.sparsity} of block parameters on general text ...")
             offset = calibrate(model, calibration_sequences(model.tokenizer, model.args.max_seq_len), a.sparsity, ctx)
@@ -545,6 +548,9 @@ def parse_args(argv=None):
     p.add_argument("--sparsity", type=float, default=None,
                    help="routed models: recalibrate the routing offset to skip this share of block parameters on "
                         "held-out task documents and LAMBADA passages (default: the run's own offset)")
+    p.add_argument("--protect_first_tokens", type=int, default=None,
+                   help="routed models: always execute this many first tokens of a sequence instead of the run's own "
+                        "rule (0: route them too)")
     p.add_argument("--tasks", nargs="+", default=list(tasks.TASKS),
                    help=f"tasks to run (default: all; 'none' for perplexity only): {' '.join(tasks.TASKS)}")
     p.add_argument("--limit", type=int, default=None,
@@ -582,6 +588,8 @@ def parse_args(argv=None):
         raise UserError("--match_modules M (0 <= M < 1) goes with --attention_drop_match")
     if a.attention_drop_match and a.match_sparsity is None:
         raise UserError("--attention_drop_match needs the sparsity to match: --match_sparsity S [--match_modules M]")
+    if a.protect_first_tokens is not None and (a.protect_first_tokens < 0 or static_baseline(a)):
+        raise UserError("--protect_first_tokens N (N >= 0) changes a routed --model's rule; it does not go with a static baseline")
     if a.sparsity is not None and (not 0 <= a.sparsity < 1 or static_baseline(a)):
         raise UserError("--sparsity S (0 <= S < 1) recalibrates a routed --model; it does not go with a static baseline")
     if (a.limit is not None and a.limit < 1) or (a.hellaswag_limit is not None and a.hellaswag_limit < 1) \

@@ -538,6 +538,13 @@ class Transformer(nn.Module):
             layer.router_cfg = cfg
         return self
 
+    def set_router_config(self, cfg: RouterConfig):
+        """Change the routing rules of loaded routers (e.g. protect_first_tokens) without new routers."""
+        self.router_cfg = cfg
+        for layer in self.layers:
+            layer.router_cfg = cfg
+        return self
+
     def fuse_weights(self):
         """For inference (generation, evaluation, bench): one matmul where the layers would run several.
 

@@ -306,6 +306,24 @@ def test_cli_end_to_end(tmp_path, project):
         run("--init_from", str(stage1), "--out_dir", str(tmp_path / "z"), "--lora_targets", "q_proj")
 
 
+def test_eval_can_change_the_first_token_rule_of_a_run(tmp_path, project):
+    # eval.py --protect_first_tokens N: routers skipping everything then skip the first token too
+    import eval as ev
+    from router import Routing
+    stage1, _ = project
+    a = ev.parse_args(["--model", str(stage1), "--data_dir", str(tmp_path / "data"), "--protect_first_tokens", "0"])
+    model, _, routing, info = ev.build(a, stage1, ev.base_of(stage1), "cpu", contextlib.nullcontext())
+    assert info["protect_first_tokens"] == 0
+    assert all(layer.router_cfg.protect_first_tokens == 0 for layer in model.layers)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention_router.proj.bias.copy_(torch.tensor([-50.0, 50.0]))
+    _, _, g = model(tokens(vocab=257), routing=Routing(mode="hard"))
+    assert g[:, 0, :, 0].eq(0).all()
+    with pytest.raises(UserError, match="static baseline"):
+        ev.parse_args(["--shortgpt", "1", "--protect_first_tokens", "0"])
+
+
 def test_shortgpt_control_trains_lora_on_the_pruned_model(tmp_path, project):
     # train_stage2.py --shortgpt N: the same LoRA budget on ShortGPT's statically pruned model
     import baselines
