@@ -60,7 +60,7 @@ def test_committed_default_routers_give_their_known_continuation():
     assert model.router_cfg is not None and model.routing_offset != 0
     for fast in (False, True):
         routing = Routing(mode="hard", offset=model.routing_offset, fast=fast)
-        assert greedy(model, "The capital of France is", 12, routing) == " not Paris.\n\nThe French are not the same as"
+        assert greedy(model, "The capital of France is", 12, routing) == " the capital of the United States.\n\nThe United States"
 
 
 def test_dense_model_answers_every_knowledge_prompt(smollm2):
