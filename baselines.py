@@ -92,20 +92,22 @@ def blocks_for_param_sparsity(n_layers, param_sparsity):
     return lower if exact - lower <= 0.5 else lower + 1
 
 
-def shortgpt_matched(model, calib_windows, val_windows, param_sparsity, ctx, device, cache_dir=None):
-    """ShortGPT at the nearest whole number of blocks to param_sparsity, scored on val_windows.
-
-    Block Influence is measured on calib_windows (training text). With a cache_dir the result is kept
-    there (common.cached_reference): it is the same for every run on this base and data.
-    -> (evaluate()'s result, blocks removed).
-    """
-    n_blocks = blocks_for_param_sparsity(model.args.n_layers, param_sparsity)
-    if n_blocks == 0:
-        return {"loss": float("nan"), "ppl": float("nan")}, 0
-
+def shortgpt_val(model, calib_windows, val_windows, n_blocks, ctx, device, cache_dir=None):
+    """ShortGPT with n_blocks removed (Block Influence on calib_windows), scored on val_windows. With a
+    cache_dir the result is kept there (common.cached_reference): it is the same for every run on this
+    base and data. -> evaluate()'s result."""
     def compute():
         pruned, _, _ = shortgpt(model, calib_windows, n_blocks)
         return evaluate(pruned, val_windows, None, ctx=ctx, device=device)
     if cache_dir is None:
-        return compute(), n_blocks
-    return cached_reference(cache_dir, f"shortgpt{n_blocks}", model, [calib_windows, val_windows], compute), n_blocks
+        return compute()
+    return cached_reference(cache_dir, f"shortgpt{n_blocks}", model, [calib_windows, val_windows], compute)
+
+
+def shortgpt_matched(model, calib_windows, val_windows, param_sparsity, ctx, device, cache_dir=None):
+    """ShortGPT at the nearest whole number of blocks to param_sparsity (shortgpt_val).
+    -> (evaluate()'s result, blocks removed)."""
+    n_blocks = blocks_for_param_sparsity(model.args.n_layers, param_sparsity)
+    if n_blocks == 0:
+        return {"loss": float("nan"), "ppl": float("nan")}, 0
+    return shortgpt_val(model, calib_windows, val_windows, n_blocks, ctx, device, cache_dir), n_blocks

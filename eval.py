@@ -606,8 +606,9 @@ def main(argv=None):
     t_start, c_start = time.time(), time.process_time()
     path = Path(a.model) if a.model else ensure_default_model()
     base_path = base_of(path)
+    base_tokenizer = Tokenizer.load(base_path)
     for data_dir in a.data_dir:  # a bundled dataset is prepared once (static baselines calibrate on the first)
-        ensure_data(data_dir, Tokenizer.load(base_path))
+        ensure_data(data_dir, base_tokenizer)
     model, label, routing_factory, info = build(a, path, base_path, device, ctx)
     tok = model.tokenizer
     if tok is None:
@@ -647,9 +648,8 @@ def main(argv=None):
 
     # -- zero-shot tasks
     for name in a.tasks:
-        limit = None if a.full else (a.limit or DEFAULT_LIMIT) // (2 if name == "hellaswag" else 1)
-        if name == "hellaswag" and a.hellaswag_limit and not a.full:
-            limit = a.hellaswag_limit
+        limit = None if a.full else ((a.hellaswag_limit or (a.limit or DEFAULT_LIMIT) // 2) if name == "hellaswag"
+                                     else a.limit or DEFAULT_LIMIT)
         with timed(times, name), ctx:
             parts[name] = SkipCounter()
             docs = scored_docs(name, limit)  # never the calibration documents

@@ -49,6 +49,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import mean
 
 from tqdm import tqdm
 
@@ -472,10 +473,6 @@ def study_ablations(a):
                                           "zero_shot_avg": zs[row]["avg_acc"] if row in zs else None}
                         for row in summaries}, "quick": a.quick, "seeds": a.seeds, "failed": sorted(failed)}
     write_study(d, "ablations", table, summary, d / "ablations.png")
-
-
-def mean(values):
-    return sum(values) / len(values)
 
 
 def ablation_rows(summaries):

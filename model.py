@@ -530,16 +530,15 @@ class Transformer(nn.Module):
     # --- routers -------------------------------------------------------------------------------
     def add_routers(self, cfg: RouterConfig):
         """Put a fresh attention router and MLP router in every block."""
-        self.router_cfg = cfg
         device = self.tok_embeddings.weight.device
         for layer in self.layers:
             layer.attention_router = Router(self.args.dim, cfg).to(device)
             layer.ffn_router = Router(self.args.dim, cfg).to(device)
-            layer.router_cfg = cfg
-        return self
+        return self.set_router_config(cfg)
 
     def set_router_config(self, cfg: RouterConfig):
-        """Change the routing rules of loaded routers (e.g. protect_first_tokens) without new routers."""
+        """The routing rules every block follows (add_routers; or, for loaded routers, a changed rule
+        such as protect_first_tokens)."""
         self.router_cfg = cfg
         for layer in self.layers:
             layer.router_cfg = cfg

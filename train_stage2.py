@@ -32,7 +32,7 @@ import baselines
 import lora
 from checkpoint import (RUN_VERSION, StagingDir, atomic_save_tensors, atomic_write_text, base_reference,
                         file_fingerprint, find_base, load, read_config, rel_to_root, resolve, save_model_dir)
-from common import (cached_reference, calibration_windows, dense_val_loss, ensure_data, evaluate, load_split,
+from common import (calibration_windows, dense_val_loss, ensure_data, evaluate, load_split,
                     parse_settings, setting)
 from convert import ensure_default_model
 from errors import UserError, cli
@@ -222,8 +222,8 @@ class Stage:
             self.ref = {"dense": dense_val_loss(self.unpruned, windows, ctx, device, s.data_dir),
                         "dense_sub": dense_val_loss(self.unpruned, windows[:s.eval_iters], ctx, device, s.data_dir)}
             if s.shortgpt:
-                self.ref["start"] = cached_reference(s.data_dir, f"shortgpt{s.shortgpt}", self.unpruned, [self.calib, windows],
-                                                     lambda: evaluate(model, windows, None, ctx=ctx, device=device))
+                self.ref["start"] = baselines.shortgpt_val(self.unpruned, self.calib, windows, s.shortgpt, ctx, device,
+                                                           s.data_dir)
                 self.ref["start_sub"] = evaluate(model, windows[:s.eval_iters], None, ctx=ctx, device=device)
             elif not s.dense:
                 routed = val_routing(model)
