@@ -11,6 +11,10 @@ this shared machine hit all alike; the median is reported):
     masked   routing the way training does it: every sublayer runs, skipped outputs are x 0 (saves nothing)
     fast     only executing rows run each sublayer (model.py forward_fast): the real saving
     shortgpt the same parameter sparsity by removing whole blocks (baselines.py): the static reference
+    transformers  LlamaForCausalLM on the same weights (where installed): what one would use instead
+    floor    batch-1 decode only: one pass of one-row products over all the weights, as the model
+             multiplies (model.linear), and as F.linear does (floor_flinear): the least any decoder
+             that multiplies that way spends per token
 Regimes: prefill of 128 and 512 tokens; decode of batch 1 after 128 and 512 tokens of context;
 decode of batch 8 after 128. "sparsity" is the share of block parameters skipped per token.
 Ideal speedups: prefill is FLOP-bound, so ideal = dense FLOPs / variant FLOPs; decode is bound by
@@ -36,6 +40,7 @@ from common import ensure_data, load_split, parse_bool, sync, val_windows
 from convert import ensure_default_model
 from errors import ArgumentParser, UserError, cli
 from lora import merge_lora
+from model import linear
 from router import RouterConfig, Routing, block_params, calibrate_offset, module_params, routing_stats
 
 
@@ -230,7 +235,8 @@ def run_hf_decode(hf, context, steps, device):
 
 def decode_weights(model):
     """The matrices a dense decoding step multiplies by, as the dense path holds them (fused where it
-    fuses), and the head: one pass of one-row matmuls over them is the floor of any plain-PyTorch decoder."""
+    fuses), and the head: one pass of one-row products over them is the floor of a decoder that
+    multiplies as this one does (model.linear); with F.linear, that of a plain-PyTorch one."""
     mats = []
     for layer in model.layers:
         att, ffn = layer.attention, layer.feed_forward
@@ -243,14 +249,14 @@ def decode_weights(model):
 
 
 @torch.no_grad()
-def run_floor(mats, steps, device):
-    """`steps` passes of one-row matmuls over `mats`: the time any decoder must spend reading its weights."""
+def run_floor(mats, steps, device, product=linear):
+    """`steps` passes of one-row products over `mats`: the time a decoder must spend reading its weights."""
     rows = {m.shape[1]: torch.randn(1, m.shape[1], dtype=m.dtype, device=m.device) for m in mats}
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         for m in mats:
-            F.linear(rows[m.shape[1]], m)
+            product(rows[m.shape[1]], m)
     sync(device)
     return time.perf_counter() - t0
 
@@ -329,15 +335,16 @@ def main(argv=None):
         if hf is not None:
             variants["transformers"] = ("hf", None, 0.0)
         if reg["kind"] == "decode" and B == 1:
-            variants["floor"] = ("floor", None, 0.0)
+            variants["floor"] = ("floor", None, 0.0)                  # one-row products as the model's (linear)
+            variants["floor_flinear"] = ("floor_flinear", None, 0.0)  # as plain PyTorch's F.linear
 
         times = {name: [] for name in variants}
         names = list(variants)
         for rep in range(a.repeats + 1):  # repetition 0 warms up
             for name in names[rep % len(names):] + names[:rep % len(names)]:
                 m, routing_fn, _ = variants[name]
-                if m == "floor":
-                    dt = run_floor(floor_mats, steps, device)
+                if m in ("floor", "floor_flinear"):
+                    dt = run_floor(floor_mats, steps, device, linear if m == "floor" else F.linear)
                 elif reg["kind"] == "prefill":
                     sync(device)
                     t0 = time.perf_counter()
@@ -367,6 +374,8 @@ def main(argv=None):
             results.append(row)
         if "floor" in variants:
             checks[f"{reg['name']} dense / floor"] = statistics.median(times["dense"]) / statistics.median(times["floor"])
+            checks[f"{reg['name']} F.linear floor / floor"] = (statistics.median(times["floor_flinear"])
+                                                              / statistics.median(times["floor"]))
         print_table([r for r in results if r["regime"] == reg["name"]])
 
     for name, value in checks.items():

@@ -5,7 +5,7 @@ A frozen weight W (out, in) gets a trainable low-rank update, and the layer comp
     y = x W^T + (alpha / r) * B A dropout(x)        A (r, in): Kaiming-uniform, B (out, r): zeros
 
 so a fresh adapter changes nothing (B = 0) and only r * (in + out) numbers train per layer.
-LoRALinear subclasses nn.Linear, so the base weight keeps its name (layers.0.attention.wq.weight):
+LoRALinear subclasses nn.Linear (model.Linear), so the base weight keeps its name (layers.0.attention.wq.weight):
 base checkpoints load unchanged, and the adapter adds lora_A / lora_B beside it. merge() folds
 the update into W for inference (W += scale * B A) and unmerge() takes it out again; both are
 explicit calls, never a side effect of .train() / .eval() (the loralib pitfall).
@@ -25,11 +25,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import UserError
+from model import Linear
 
 DEFAULT_TARGETS = ("wq", "wv", "w1")
 
 
-class LoRALinear(nn.Linear):
+class LoRALinear(Linear):
     def __init__(self, in_features, out_features, r=16, alpha=32, dropout=0.0, bias=False, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         if r <= 0:
@@ -60,7 +61,7 @@ class LoRALinear(nn.Linear):
         return self.scale * (self.lora_B @ self.lora_A)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = super().forward(x)  # x W^T (+ bias)
         if self.merged:  # the update already lives in the weight
             return y
         return y + self.scale * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)

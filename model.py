@@ -160,6 +160,35 @@ class KVCache(nn.Module):
         return self.k[:B, :, :end], self.v[:B, :, :end], self.keep[:B, :end]
 
 
+# ----------------------------------------------------------------------------------------------
+# Few-row products: batch-1 decoding reads every weight for 2 FLOPs each, so it runs at the speed
+# of memory. F.linear's matrix-vector product on a CPU streams the weights on one core (here ~10 GB/s,
+# and the 113 MB head at a third of the speed of the rest); the same matrix cut into blocks of rows
+# and multiplied as one batched product is spread over all cores (bench.py's decode floor: 2-3x).
+
+FEW_ROWS = 4  # up to this many rows take the batched product (measured here: 8 rows gain nothing)
+
+
+def linear(x, weight):
+    """x (..., in) @ weight (out, in).T -> (..., out), as F.linear, but a product of at most FEW_ROWS
+    rows on a CPU runs as weight (c, out/c, in) @ x.T (c, in, rows) with c = gcd(out, 8) blocks:
+    the same dot products, spread over the cores. Equal to F.linear up to fp32 rounding."""
+    rows, n_in = x.numel() // x.shape[-1], x.shape[-1]
+    c = math.gcd(weight.shape[0], 8)
+    if rows > FEW_ROWS or c == 1 or x.device.type != "cpu" or not weight.is_contiguous():
+        return F.linear(x, weight)
+    y = torch.bmm(weight.view(c, -1, n_in), x.reshape(rows, n_in).t().expand(c, n_in, rows))  # (c, out/c, rows)
+    return y.permute(2, 0, 1).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose product is linear(): the same parameters and state dict."""
+
+    def forward(self, x):
+        y = linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
 ATTN_CHUNK = 64  # queries per attention call on the fast path, one sequence on a CPU (Attention._attend_by_position)
 
 
@@ -197,10 +226,10 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache = None
         # inference only (Transformer.fuse_weights): [router rows; wk; wv; wq] as one matrix, and how
         # many router rows lead it (the block's folded routers, or none)
@@ -219,7 +248,7 @@ class Attention(nn.Module):
         nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         if fused is not None:  # rows: router, k, v, q
             r = self.router_rows
-            k_v_q = F.linear(x, fused[r + (0 if kv else 2 * nkv):r + 2 * nkv + (nq if q else 0)])
+            k_v_q = linear(x, fused[r + (0 if kv else 2 * nkv):r + 2 * nkv + (nq if q else 0)])
             parts = k_v_q.split([nkv, nkv] * kv + [nq] * q, dim=-1)
             parts = parts[2:] + parts[:2] if q and kv else parts                    # -> q, k, v order
         else:
@@ -356,14 +385,14 @@ class FeedForward(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w1 = Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = Linear(args.dim, args.hidden_dim, bias=False)
         self.fused = None  # inference only: w1|w3 as one matrix (Transformer.fuse_weights)
 
     def forward(self, x):
         if self.fused is not None and not self.training:  # one matmul for w1 and w3
-            gate, up = F.linear(x, self.fused).chunk(2, dim=-1)
+            gate, up = linear(x, self.fused).chunk(2, dim=-1)
             return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
@@ -496,7 +525,7 @@ class TransformerBlock(nn.Module):
             # rows, scaled once, lead the attention's matrix and run in the K/V matmul
             r, nkv = self.attention.router_rows, self.attention.n_kv_heads * self.attention.head_dim
             keep = self.router_cfg.kv == "keep"
-            out = F.linear(xn, fused[:r + 2 * nkv * keep])
+            out = linear(xn, fused[:r + 2 * nkv * keep])
             logits = out[..., :r] + self.router_fold[0]                              # (B, T, 4)
             kv = None
             if keep:
@@ -517,7 +546,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.router_cfg = None

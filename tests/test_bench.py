@@ -13,14 +13,16 @@ def test_bench_quick_on_a_tiny_model(tmp_path, capsys):
                 "--sparsities", "0,0.25,0.5"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = out["results"]
-    assert {r["variant"] for r in rows} == {"dense", "fast", "masked", "shortgpt", "transformers", "floor"}
+    assert {r["variant"] for r in rows} == {"dense", "fast", "masked", "shortgpt", "transformers", "floor",
+                                              "floor_flinear"}
     assert out["checks"]["prefill64 fast vs masked max |logit diff|"] < 1e-4  # the same decisions, the same logits
     assert out["checks"]["decode64 dense / floor"] > 0
+    assert out["checks"]["decode64 F.linear floor / floor"] > 0
     assert (tmp_path / "b.png").exists()
     for r in rows:
         keys = ("variant", "regime", "sparsity", "tokens_per_s", "speedup", "ideal_speedup", "efficiency")
         assert all(key in r for key in keys)
-        if r["variant"] in ("transformers", "floor"):
+        if r["variant"] in ("transformers", "floor", "floor_flinear"):
             continue
         assert "flops_per_token" in r
         if r["regime"].startswith("prefill") or r["regime"] in ("decode64",):

@@ -341,6 +341,30 @@ def test_fast_path_gives_the_masked_paths_lora_gradients():
         assert torch.allclose(grads[0][1][n], grads[1][1][n], atol=1e-5), n
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 24), (2, 1, 24), (1, 4, 24), (5, 24), (3, 2, 24)])
+@pytest.mark.parametrize("out", [96, 12, 7])
+def test_few_row_product_equals_f_linear(shape, out):
+    """model.linear (the batched product decoding uses for up to FEW_ROWS rows, in gcd(out, 8) blocks of
+    the weight's rows) gives F.linear's result and gradients, for any row count and output size."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model import FEW_ROWS, linear
+    torch.manual_seed(0)
+    w = torch.randn(out, 24, requires_grad=True)
+    x = torch.randn(*shape, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        y = linear(x, w)
+    ref = F.linear(x, w)
+    assert y.shape == ref.shape and (y - ref).abs().max() < 1e-5
+    batched = torch.ops.aten.bmm in counter.get_flop_counts()["Global"]
+    assert batched == (math.prod(shape[:-1]) <= FEW_ROWS and math.gcd(out, 8) > 1)  # the path it should take
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(y, (x, w), g)
+    grads_ref = torch.autograd.grad(ref, (x, w), g)
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(grads, grads_ref))
+
+
 @pytest.mark.parametrize("kv", ["keep", "evict"])
 @pytest.mark.parametrize("mlp_input", ["block", "post_attn"])
 def test_fused_inference_weights_change_nothing(kv, mlp_input):
