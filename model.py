@@ -166,7 +166,7 @@ class KVCache(nn.Module):
 # and the 113 MB head at a third of the speed of the rest); the same matrix cut into blocks of rows
 # and multiplied as one batched product is spread over all cores (bench.py's decode floor: 2-3x).
 
-FEW_ROWS = 4  # up to this many rows take the batched product (measured here: 8 rows gain nothing)
+FEW_ROWS = 8  # up to this many rows take the batched product (measured here: 1-11 rows gain, 12-15 lose)
 
 
 def linear(x, weight):

@@ -341,7 +341,7 @@ def test_fast_path_gives_the_masked_paths_lora_gradients():
         assert torch.allclose(grads[0][1][n], grads[1][1][n], atol=1e-5), n
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 24), (2, 1, 24), (1, 4, 24), (5, 24), (3, 2, 24)])
+@pytest.mark.parametrize("shape", [(1, 1, 24), (2, 1, 24), (1, 8, 24), (9, 24), (3, 4, 24)])
 @pytest.mark.parametrize("out", [96, 12, 7])
 def test_few_row_product_equals_f_linear(shape, out):
     """model.linear (the batched product decoding uses for up to FEW_ROWS rows, in gcd(out, 8) blocks of
