@@ -164,6 +164,9 @@ def parse(argv=None):
     p.add_argument("--quick", action="store_true", help="small shapes and 2 repeats: a smoke test")
     p.add_argument("--plot", default="out/bench.png", help="PNG of measured vs ideal speedup")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                   help="torch.compile the residual steps of one-token forwards (decode regimes; Transformer."
+                        "compile_decoding): auto = where torch.compile works here (default)")
     p.add_argument("--transformers", type=parse_bool, default=True, metavar="BOOL",
                    help="also time transformers' LlamaForCausalLM on the same weights, where it is installed (default: true)")
     a = p.parse_args(argv)
@@ -286,6 +289,9 @@ def main(argv=None):
         model.add_routers(RouterConfig(protect_first=0))
         model.to(dtype)
     merge_lora(model).fuse_weights()  # inference: LoRA folded in, wq|wk|wv, w1|w3 and the routers one matmul each
+    compiled = a.compile != "false" and model.compile_decoding()
+    if a.compile == "true" and not compiled:
+        raise UserError("torch.compile does not run here (see above); run with --compile false")
     kv = model.router_cfg.kv
     bpp = torch.finfo(dtype).bits // 8
     gen = torch.Generator().manual_seed(a.seed)
@@ -304,6 +310,7 @@ def main(argv=None):
     print(f"bench: {model.source.get('path')} | "
           f"{'trained routers ' + str(run_dir) + ' on held-out text' if trained else 'random routing on random ids'} | "
           f"{device} {str(dtype).replace('torch.', '')} | {torch.get_num_threads()} threads | "
+          f"decoding {'compiled' if compiled else 'eager'} | "
           f"{a.repeats} repeats, median{' | transformers ' + sys.modules['transformers'].__version__ if hf else ''}",
           file=sys.stderr)
 
@@ -384,6 +391,7 @@ def main(argv=None):
         plot(results, a.plot)
         print(f"figure: {a.plot}", file=sys.stderr)
     summary = {"results": results, "checks": checks, "device": device, "dtype": str(dtype).replace("torch.", ""),
+               "compiled_decoding": compiled,
                "threads": torch.get_num_threads(), "repeats": a.repeats, "routers": a.routers,
                "model": model.source.get("path")}
     for r in results:  # JSON has no NaN: an undefined efficiency (no ideal saving) becomes null

@@ -398,6 +398,22 @@ class FeedForward(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# The two residual steps of a block. Decoding runs them 2 x n_layers times per token, each as ~15
+# small operations whose fixed cost rivals the matmuls' (bench.py: dense decode / floor).
+# Transformer.compile_decoding() swaps in, for one-token forwards only, torch.compile'd versions
+# that fuse those operations; everything else (routing decisions, gathers) stays as written.
+
+def attention_step(block, x, xn, cos, sin, start_pos, key_keep=None, kv=None):
+    """x (B, T, dim) + attention(xn): the residual stream after the attention sublayer."""
+    return x + block.attention(xn, cos, sin, start_pos, key_keep, kv)
+
+
+def mlp_step(block, h):
+    """h (B, T, dim) + MLP(norm(h)): the residual stream after the MLP sublayer."""
+    return h + block.feed_forward(block.ffn_norm(h))
+
+
+# ----------------------------------------------------------------------------------------------
 # The routed block
 
 class TransformerBlock(nn.Module):
@@ -412,12 +428,18 @@ class TransformerBlock(nn.Module):
         self.ffn_router = None
         self.router_cfg = None
         self.router_fold = None       # inference only: the routers folded into the attention's matrix
+        self.decode_steps = None      # inference only: compiled (attention_step, mlp_step) (compile_decoding)
+
+    def _residual_steps(self, T):
+        """(attention_step, mlp_step), compiled for one-token forwards after Transformer.compile_decoding()."""
+        return self.decode_steps if T == 1 and self.decode_steps is not None else (attention_step, mlp_step)
 
     def forward(self, x, cos, sin, start_pos=0, routing: Routing | None = None):
         """x (B, T, dim) -> (out (B, T, dim), gates (2, B, T) [attention, MLP] or None when not routed)."""
         if routing is None or self.attention_router is None:  # the plain Llama block
-            h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
-            return h + self.feed_forward(self.ffn_norm(h)), None
+            attend, mlp = self._residual_steps(x.shape[1])
+            h = attend(self, x, self.attention_norm(x), cos, sin, start_pos)
+            return mlp(self, h), None
         g_attn = self._gate(self.attention_router, x, routing, 0, start_pos)              # (B, T)
         key_keep = (g_attn > 0.5) if self.router_cfg.kv == "evict" else None
         h = x + g_attn[..., None].to(x.dtype) * self.attention(self.attention_norm(x), cos, sin, start_pos, key_keep)
@@ -455,7 +477,7 @@ class TransformerBlock(nn.Module):
             counts.append(g_mlp.sum(-1).tolist())
         n_mlp = int(sum(counts[1]))
         if n_mlp == B * T:
-            out = h + self.feed_forward(self.ffn_norm(h))
+            out = self._residual_steps(T)[1](self, h)
         elif n_mlp == 0:
             out = h
         else:
@@ -471,7 +493,7 @@ class TransformerBlock(nn.Module):
         evict = self.router_cfg.kv == "evict"
         n = sum(per_seq)
         if n == B * T:  # everyone executes: the dense path (under evict, every key is kept)
-            return x + self.attention(xn, cos, sin, start_pos, g_attn > 0.5 if evict else None, kv)
+            return self._residual_steps(T)[0](self, x, xn, cos, sin, start_pos, g_attn > 0.5 if evict else None, kv)
         rows = torch.nonzero_static(g_attn.reshape(-1), size=n).squeeze(1)             # (N,) in B*T
         out = self.attention.forward_sparse(xn, g_attn > 0.5, rows, per_seq, cos, sin, start_pos, evict, kv)
         return x if out is None else x.reshape(B * T, D).index_add(0, rows, out.to(x.dtype)).view(B, T, D)
@@ -483,8 +505,9 @@ class TransformerBlock(nn.Module):
         nothing under evict (its slot is masked); a skipped MLP costs nothing.
         """
         evict = self.router_cfg.kv == "evict"
+        attend, mlp = self._residual_steps(1)
         if attn_on:
-            h = x + self.attention(xn, cos, sin, start_pos, gates[0] > 0.5 if evict else None, kv)
+            h = attend(self, x, xn, cos, sin, start_pos, gates[0] > 0.5 if evict else None, kv)
         elif evict:
             if self.attention.cache is not None:  # its slot stays masked
                 self.attention.cache.keep[:1, start_pos] = False
@@ -493,7 +516,7 @@ class TransformerBlock(nn.Module):
             self.attention.forward_sparse(xn, gates[0] > 0.5, x.new_zeros(0, dtype=torch.long), [0], cos, sin,
                                           start_pos, kv=kv)
             h = x
-        out = h + self.feed_forward(self.ffn_norm(h)) if mlp_on else h
+        out = mlp(self, h) if mlp_on else h
         return out, gates
 
     def _gate(self, router, x, routing, module, start_pos=0):
@@ -613,6 +636,26 @@ class Transformer(nn.Module):
                 layer.attention.fused, layer.attention.router_rows = None, 0
             layer.feed_forward.fused, layer.router_fold = None, None
         self._fused_key = None
+
+    def compile_decoding(self):
+        """torch.compile the two residual steps of every block for one-token forwards (decoding,
+        batch 1 or several sequences), for inference: the ~15 small operations of each step become a
+        few fused kernels. Prefill, training and the routing decisions stay eager. The first decoded
+        tokens pay the compilation (~10-30 s on a CPU, once per process). -> whether it compiled: False,
+        with the reason printed, where torch.compile cannot run here (no C++ compiler, say)."""
+        try:
+            with torch.no_grad():
+                torch.compile(mlp_step)(self.layers[0], self.tok_embeddings.weight[:1, None].detach())
+        except Exception as e:  # inductor needs a working compiler toolchain; decoding then stays eager
+            print(f"torch.compile unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]}): decoding runs eager")
+            return False
+        # one compiled function serves every block; shapes (cache length, batch) and the K/V and key
+        # masks passed or not each specialize it once, more than dynamo's default limit of 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        steps = (torch.compile(attention_step), torch.compile(mlp_step))
+        for layer in self.layers:
+            layer.decode_steps = steps
+        return True
 
     def _weights_key(self):
         # moving, casting or reloading the model makes new tensors: new addresses

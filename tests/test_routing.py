@@ -341,6 +341,45 @@ def test_fast_path_gives_the_masked_paths_lora_gradients():
         assert torch.allclose(grads[0][1][n], grads[1][1][n], atol=1e-5), n
 
 
+@pytest.mark.parametrize("kv", ["keep", "evict"])
+def test_compiled_decoding_equals_eager(kv):
+    """compile_decoding (torch.compile'd residual steps for one-token forwards) decodes as the eager
+    model does: dense and routed fast decoding (with skips of both sublayers), batch 1 and 2."""
+    model = decisive_routers(routed_model(seed=3, kv=kv)).fuse_weights()
+    x = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(4))
+
+    def decode(routing, B):
+        model.setup_cache(B, 16)
+        gates = []
+        try:
+            logits = [model(x[:B, :8], routing=routing)[0]]
+            for t in range(8, 16):
+                out, _, g = model(x[:B, t:t + 1], routing=routing, start_pos=t)
+                logits.append(out)
+                gates.append(g)
+        finally:
+            model.clear_cache()
+        return torch.cat(logits, 1), gates
+
+    runs = [(None, 1), (Routing(mode="hard", offset=0.5, fast=True), 1), (Routing(mode="hard", offset=0.5, fast=True), 2)]
+    with torch.no_grad():
+        eager = [decode(r, B) for r, B in runs]
+        assert model.compile_decoding()
+        calls = []
+
+        def counted(step):
+            return lambda *args: calls.append(step) or step(*args)
+        for layer in model.layers:
+            layer.decode_steps = tuple(counted(step) for step in layer.decode_steps)
+        compiled = [decode(r, B) for r, B in runs]
+    assert len(calls) > 8 * len(model.layers)  # the compiled steps ran (one-token forwards only)
+    for (a, ga), (b, gb) in zip(eager, compiled):
+        assert (a - b).abs().max() < 1e-4
+        assert all(g1 is None and g2 is None or torch.equal(g1, g2) for g1, g2 in zip(ga, gb))
+    g = torch.stack(eager[1][1])                                 # (steps, L, 2, 1, 1): both sublayers skipped somewhere
+    assert 0 < g[:, :, 0].mean() < 1 and 0 < g[:, :, 1].mean() < 1
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 24), (2, 1, 24), (1, 8, 24), (9, 24), (3, 4, 24)])
 @pytest.mark.parametrize("out", [96, 12, 7])
 def test_few_row_product_equals_f_linear(shape, out):
