@@ -404,7 +404,9 @@ class FeedForward(nn.Module):
 # that fuse those operations; everything else (routing decisions, gathers) stays as written.
 
 def attention_step(block, x, xn, cos, sin, start_pos, key_keep=None, kv=None):
-    """x (B, T, dim) + attention(xn): the residual stream after the attention sublayer."""
+    """x (B, T, dim) + attention(xn): the residual stream after the attention sublayer.
+    xn: attention_norm(x), or None to compute it here."""
+    xn = block.attention_norm(x) if xn is None else xn
     return x + block.attention(xn, cos, sin, start_pos, key_keep, kv)
 
 
@@ -438,7 +440,7 @@ class TransformerBlock(nn.Module):
         """x (B, T, dim) -> (out (B, T, dim), gates (2, B, T) [attention, MLP] or None when not routed)."""
         if routing is None or self.attention_router is None:  # the plain Llama block
             attend, mlp = self._residual_steps(x.shape[1])
-            h = attend(self, x, self.attention_norm(x), cos, sin, start_pos)
+            h = attend(self, x, None, cos, sin, start_pos)
             return mlp(self, h), None
         g_attn = self._gate(self.attention_router, x, routing, 0, start_pos)              # (B, T)
         key_keep = (g_attn > 0.5) if self.router_cfg.kv == "evict" else None

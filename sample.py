@@ -5,6 +5,7 @@
     python sample.py --chat --prompt "What is the capital of France?"  # the Instruct model's chat template
     python sample.py --routers out/stage1 --prompt "To be, or not to be" --routing_map out/map.png
     python sample.py --prompt_file prompt.txt --max_new_tokens 200
+    python sample.py --compile --max_new_tokens 200 --prompt "..."     # compiled decoding steps (see --help)
 
 --routers takes a stage-1 or stage-2 run: the model routes every sublayer of every generated token
 (deterministic gates unless --gate sample), prints how much it skipped, and can save a PNG map of
@@ -42,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--masked", action="store_true",
                    help="route the way training does (every sublayer runs, skipped outputs x 0) instead of really skipping")
     p.add_argument("--no_cache", action="store_true", help="recompute the whole prefix every step (slow reference)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoding steps: faster tokens after ~10-30 s of compiling (Transformer.compile_decoding)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     return p.parse_args(argv)
@@ -64,6 +67,8 @@ def main(argv=None):
     device = "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
     source = a.routers or a.model or ensure_default_model()
     model = merge_lora(load(source, device=device)).fuse_weights()  # inference: LoRA folded in, fused matmuls
+    if a.compile:
+        model.compile_decoding()  # (prints why, and stays eager, where torch.compile cannot run)
     tok = model.tokenizer
     if tok is None:
         raise UserError(f"{source} has no tokenizer; convert the model together with its tokenizer files")
