@@ -19,6 +19,7 @@ References:
 """
 import copy
 import math
+import sys
 from dataclasses import dataclass, fields
 
 import torch
@@ -479,7 +480,8 @@ class TransformerBlock(nn.Module):
             counts.append(g_mlp.sum(-1).tolist())
         n_mlp = int(sum(counts[1]))
         if n_mlp == B * T:
-            out = self._residual_steps(T)[1](self, h)
+            _, mlp = self._residual_steps(T)
+            out = mlp(self, h)
         elif n_mlp == 0:
             out = h
         else:
@@ -495,7 +497,8 @@ class TransformerBlock(nn.Module):
         evict = self.router_cfg.kv == "evict"
         n = sum(per_seq)
         if n == B * T:  # everyone executes: the dense path (under evict, every key is kept)
-            return self._residual_steps(T)[0](self, x, xn, cos, sin, start_pos, g_attn > 0.5 if evict else None, kv)
+            attend, _ = self._residual_steps(T)
+            return attend(self, x, xn, cos, sin, start_pos, g_attn > 0.5 if evict else None, kv)
         rows = torch.nonzero_static(g_attn.reshape(-1), size=n).squeeze(1)             # (N,) in B*T
         out = self.attention.forward_sparse(xn, g_attn > 0.5, rows, per_seq, cos, sin, start_pos, evict, kv)
         return x if out is None else x.reshape(B * T, D).index_add(0, rows, out.to(x.dtype)).view(B, T, D)
@@ -649,7 +652,8 @@ class Transformer(nn.Module):
             with torch.no_grad():
                 torch.compile(mlp_step)(self.layers[0], self.tok_embeddings.weight[:1, None].detach())
         except Exception as e:  # inductor needs a working compiler toolchain; decoding then stays eager
-            print(f"torch.compile unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]}): decoding runs eager")
+            print(f"torch.compile unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]}): decoding runs eager",
+                  file=sys.stderr)
             return False
         # one compiled function serves every block; shapes (cache length, batch) and the K/V and key
         # masks passed or not each specialize it once, more than dynamo's default limit of 8
