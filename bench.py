@@ -103,13 +103,28 @@ def run_prefill(model, tokens, routing_fn):
 
 
 @torch.no_grad()
-def run_decode(model, context, steps, routing_fn, device):
-    """Prefill (untimed) then `steps` one-token forwards (timed). Returns seconds for the steps."""
+def prefill_context(model, context, steps, routing_fn):
+    """Prefill the context once, untimed -> (the layers' KV caches, sized for `steps` more tokens,
+    and the first token to decode). Every repetition of a decode measurement starts from them: a
+    repetition writes the same cache slots (C .. C+steps-1) and reads only what it wrote or the
+    context, so reusing the prefill changes no result, and saves re-running it each time."""
     B, C = context.shape
     model.setup_cache(B, C + steps)
     try:
         logits, _, _ = model(context, routing=routing_fn())
-        nxt = logits[:, -1:].argmax(-1)
+        return [layer.attention.cache for layer in model.layers], logits[:, -1:].argmax(-1)
+    finally:
+        model.clear_cache()
+
+
+@torch.no_grad()
+def run_decode(model, prefilled, steps, routing_fn, device):
+    """`steps` one-token forwards after a prefilled context (prefill_context) -> seconds."""
+    caches, nxt = prefilled
+    C = caches[0].k.shape[2] - steps
+    for layer, cache in zip(model.layers, caches):
+        layer.attention.cache = cache
+    try:
         sync(device)
         t0 = time.perf_counter()
         for i in range(steps):
@@ -223,15 +238,25 @@ def run_hf_prefill(hf, tokens):
 
 
 @torch.no_grad()
-def run_hf_decode(hf, context, steps, device):
-    """transformers' own generation loop by hand: prefill (untimed), then `steps` cached one-token steps."""
+def prefill_hf_context(hf, context):
+    """transformers' prefill, once, untimed -> (its cache, the first token to decode)."""
     out = hf(context, use_cache=True)
-    cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+    return out.cache, out.logits[:, -1:].argmax(-1)
+
+
+@torch.no_grad()
+def run_hf_decode(hf, prefilled, context_len, steps, device):
+    """transformers' own generation loop by hand: `steps` cached one-token steps after the context
+    (its cache cut back to the context first, as each repetition appends to it)."""
+    cache, nxt = prefilled
+    appended = cache.get_seq_length() - context_len
+    if appended:
+        cache.crop(-appended)  # a negative count removes that many tokens (in every transformers version)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         out = hf(nxt, cache=cache, use_cache=True)
-        cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+        nxt = out.logits[:, -1:].argmax(-1)
     sync(device)
     return time.perf_counter() - t0
 
@@ -347,6 +372,13 @@ def main(argv=None):
 
         times = {name: [] for name in variants}
         names = list(variants)
+        prefilled = {}  # decode: each variant's context, prefilled once (its own routing writes its own cache)
+        if reg["kind"] == "decode":
+            for name, (m, routing_fn, _) in variants.items():
+                if m == "hf":
+                    prefilled[name] = prefill_hf_context(hf, tokens)
+                elif not isinstance(m, str):
+                    prefilled[name] = prefill_context(m, tokens, steps, routing_fn)
         for rep in range(a.repeats + 1):  # repetition 0 warms up
             for name in names[rep % len(names):] + names[:rep % len(names)]:
                 m, routing_fn, _ = variants[name]
@@ -359,7 +391,8 @@ def main(argv=None):
                     sync(device)
                     dt = time.perf_counter() - t0
                 else:
-                    dt = run_hf_decode(hf, tokens, steps, device) if m == "hf" else run_decode(m, tokens, steps, routing_fn, device)
+                    dt = (run_hf_decode(hf, prefilled[name], T, steps, device) if m == "hf"
+                          else run_decode(m, prefilled[name], steps, routing_fn, device))
                 if rep > 0:
                     times[name].append(dt)
         n_tok = B * T if reg["kind"] == "prefill" else B * steps
@@ -371,7 +404,8 @@ def main(argv=None):
             if isinstance(m, str):  # transformers, or the floor: no FLOP accounting of ours
                 row |= {"ideal_speedup": float("nan"), "efficiency": float("nan")}
             else:
-                row |= measure_costs(reg, name, m, routing_fn, tokens, min(steps, COST_STEPS), device, bpp, kv, model)
+                row |= measure_costs(reg, name, m, routing_fn, tokens, min(steps, COST_STEPS), device, bpp, kv, model,
+                                     prefilled.get(name))
                 if s == "own":  # what the routers skip on this text (the masked row routes alike, runs it all)
                     if name.startswith("fast"):
                         own_sparsity = 1 - row["executed_param_fraction"]
@@ -400,8 +434,9 @@ def main(argv=None):
 
 
 @torch.no_grad()
-def measure_costs(reg, name, m, routing_fn, tokens, steps, device, bpp, kv, dense_model):
-    """FLOPs (counted and analytic), executed parameters, weight bytes and KV bytes for one variant."""
+def measure_costs(reg, name, m, routing_fn, tokens, steps, device, bpp, kv, dense_model, prefilled=None):
+    """FLOPs (counted and analytic), executed parameters, weight bytes and KV bytes for one variant.
+    Decode: `steps` steps after the context, from `prefilled` (prefill_context) where given."""
     B, T = tokens.shape
     counter = FlopCounterMode(display=False)
     gates = []  # per step: (L, 2, rows, 1) decisions; a module's weights are read if any row executes it
@@ -412,10 +447,10 @@ def measure_costs(reg, name, m, routing_fn, tokens, steps, device, bpp, kv, dens
             gates.append(g.float().flatten(2)[..., None])
         n_tok, n_q, n_k = B * T, T, T
     else:  # every decode step after the context, averaged (the decisions differ from step to step)
-        m.setup_cache(B, T + steps)
+        caches, nxt = prefilled or prefill_context(m, tokens, steps, routing_fn)
+        for layer, cache in zip(m.layers, caches):
+            layer.attention.cache = cache
         try:
-            logits, _, _ = m(tokens, routing=routing_fn())
-            nxt = logits[:, -1:].argmax(-1)
             with counter:
                 for i in range(steps):
                     logits, _, g = m(nxt, routing=routing_fn(), start_pos=T + i)

@@ -93,3 +93,35 @@ def test_bench_with_trained_routers_times_held_out_text(tmp_path, capsys):
                for g, r in fast.items())  # the routers skip on this text, and the fast path runs less
     assert all(masked[g]["sparsity"] == fast[g]["sparsity"] for g in fast)  # the same routing, run in full
     assert out["checks"]["prefill64 fast vs masked max |logit diff|"] < 1e-4
+
+
+def test_decode_repetitions_reuse_one_prefill_without_changing_it():
+    """Each repetition of a decode measurement starts from the same prefilled cache: after any number
+    of repetitions the cache holds exactly what one fresh prefill + decode leaves (K, V and, under
+    evict, which slots may be attended to), so every repetition times the same work."""
+    import torch
+    from router import RouterConfig, Routing
+    from tiny import tiny_model
+    model = tiny_model(n_layers=4).eval().add_routers(RouterConfig(protect_first=0, kv="evict"))
+    gen = torch.Generator().manual_seed(0)
+    context, steps = torch.randint(0, 260, (2, 20), generator=gen), 6
+    force = bench.random_decisions(model.args, 0.4, 2, 20 + steps, gen)
+    routing = lambda: Routing(mode="force", force=force, fast=True)  # noqa: E731
+
+    def state(caches):
+        return [torch.cat([c.k.flatten(), c.v.flatten(), c.keep.float().flatten()]) for c in caches]
+    with torch.no_grad():  # the reference: the model's own cached decoding, once, from scratch
+        model.setup_cache(2, 20 + steps)
+        nxt = model(context, routing=routing())[0][:, -1:].argmax(-1)
+        for i in range(steps):
+            nxt = model(nxt, routing=routing(), start_pos=20 + i)[0][:, -1:].argmax(-1)
+        caches = [layer.attention.cache for layer in model.layers]
+        expected = state(caches)
+        model.clear_cache()
+    reused = bench.prefill_context(model, context, steps, routing)
+    for _ in range(3):
+        bench.run_decode(model, reused, steps, routing, "cpu")
+    assert any(c.k[:, :, -1].abs().sum() > 0 for c in caches)  # the decode reached the last slot
+    for a, b in zip(expected, state(reused[0])):
+        assert torch.equal(a, b)
+    assert all(layer.attention.cache is None for layer in model.layers)  # the model is left without a cache
