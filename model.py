@@ -416,6 +416,14 @@ def mlp_step(block, h):
     return h + block.feed_forward(block.ffn_norm(h))
 
 
+def router_step(block, x, rows):
+    """The routed fast path's first step when the routers are folded into the attention's matrix:
+    xn = attention_norm(x) and, from one matmul, xn times its leading `rows` rows (the routers'
+    logits, then, under "keep", every token's K and V) -> (xn, (B, T, rows))."""
+    xn = block.attention_norm(x)
+    return xn, linear(xn, block.attention.fused[:rows])
+
+
 # ----------------------------------------------------------------------------------------------
 # The routed block
 
@@ -431,11 +439,15 @@ class TransformerBlock(nn.Module):
         self.ffn_router = None
         self.router_cfg = None
         self.router_fold = None       # inference only: the routers folded into the attention's matrix
-        self.decode_steps = None      # inference only: compiled (attention_step, mlp_step) (compile_decoding)
+        self.decode_steps = None      # inference only: compiled (attention_step, mlp_step, router_step) (compile_decoding)
+
+    def _steps(self, T):
+        """(attention_step, mlp_step, router_step), compiled for one-token forwards after
+        Transformer.compile_decoding()."""
+        return self.decode_steps if T == 1 and self.decode_steps is not None else (attention_step, mlp_step, router_step)
 
     def _residual_steps(self, T):
-        """(attention_step, mlp_step), compiled for one-token forwards after Transformer.compile_decoding()."""
-        return self.decode_steps if T == 1 and self.decode_steps is not None else (attention_step, mlp_step)
+        return self._steps(T)[:2]
 
     def forward(self, x, cos, sin, start_pos=0, routing: Routing | None = None):
         """x (B, T, dim) -> (out (B, T, dim), gates (2, B, T) [attention, MLP] or None when not routed)."""
@@ -461,15 +473,15 @@ class TransformerBlock(nn.Module):
         in one sync (the counts), which also sizes every gather: no further sync.
         """
         B, T, D = x.shape
-        xn = self.attention_norm(x)
         kv = None
         if self.router_cfg.mlp_input == "block":  # decided from x: both known before attention runs
-            gates, kv = self._gate_pair(x, xn, routing, start_pos)                 # (2, B, T)
+            gates, kv, xn = self._gate_pair(x, routing, start_pos)                 # (2, B, T)
             counts = gates.sum(-1).tolist()                                         # [[attn per seq], [mlp per seq]]
             if B * T == 1:
                 return self._decode_one(x, xn, kv, cos, sin, start_pos, gates, counts[0][0], counts[1][0])
             g_attn = gates[0]
         else:
+            xn = self.attention_norm(x)
             g_attn = self._gate(self.attention_router, x, routing, 0, start_pos)   # (B, T)
             counts = [g_attn.sum(-1).tolist()]
         h = self._attention_fast(x, xn, kv, g_attn, [int(c) for c in counts[0]], cos, sin, start_pos)
@@ -539,12 +551,12 @@ class TransformerBlock(nn.Module):
         first = torch.arange(gates.shape[-1], device=gates.device) < n                 # (T,)
         return torch.where(first, torch.ones_like(gates), gates)
 
-    def _gate_pair(self, x, xn, routing, start_pos=0):
-        """Both gates of the block from the block input x: (2, B, T), and, when the routers are folded
+    def _gate_pair(self, x, routing, start_pos=0):
+        """Both gates of the block from the block input x: (2, B, T); when the routers are folded
         into the attention's matrix under "keep", every token's (k, v) (B, T, nkv, hd) from the same
-        matmul (else None)."""
+        matmul (else None); and xn = attention_norm(x)."""
         if self.layer_id < self.router_cfg.protect_first:
-            return torch.ones(2, *x.shape[:2], device=x.device), None
+            return torch.ones(2, *x.shape[:2], device=x.device), None, self.attention_norm(x)
         fused = self.attention.fused_weights()
         # (in fp32 only: in bf16, W/w and xn round differently from W and rms_norm(x), and decisions flip)
         if (fused is not None and self.router_fold is not None and fused.dtype == torch.float32
@@ -553,15 +565,15 @@ class TransformerBlock(nn.Module):
             # rows, scaled once, lead the attention's matrix and run in the K/V matmul
             r, nkv = self.attention.router_rows, self.attention.n_kv_heads * self.attention.head_dim
             keep = self.router_cfg.kv == "keep"
-            out = linear(xn, fused[:r + 2 * nkv * keep])
+            xn, out = self._steps(x.shape[1])[2](self, x, r + 2 * nkv * keep)
             logits = out[..., :r] + self.router_fold[0]                              # (B, T, 4)
             kv = None
             if keep:
                 k, v = out[..., r:].split(nkv, dim=-1)
                 kv = (k.unflatten(-1, (-1, self.attention.head_dim)), v.unflatten(-1, (-1, self.attention.head_dim)))
-            return self._protect_tokens(routing.gate_pair(logits, self.layer_id, start_pos), routing, start_pos), kv
+            return self._protect_tokens(routing.gate_pair(logits, self.layer_id, start_pos), routing, start_pos), kv, xn
         return torch.stack([self._gate(self.attention_router, x, routing, 0, start_pos),
-                            self._gate(self.ffn_router, x, routing, 1, start_pos)]), None
+                            self._gate(self.ffn_router, x, routing, 1, start_pos)]), None, self.attention_norm(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,7 +670,7 @@ class Transformer(nn.Module):
         # one compiled function serves every block; shapes (cache length, batch) and the K/V and key
         # masks passed or not each specialize it once, more than dynamo's default limit of 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        steps = (torch.compile(attention_step), torch.compile(mlp_step))
+        steps = (torch.compile(attention_step), torch.compile(mlp_step), torch.compile(router_step))
         for layer in self.layers:
             layer.decode_steps = steps
         return True

@@ -57,7 +57,9 @@ class TrainSettings:
     grad_clip: float = setting(1.0, "clip the gradient norm of what trains (0 = off)")
     # -- evaluation and logging
     eval_interval: int = setting(50, "validate every N steps (and at the end)")
-    eval_iters: int = setting(12, f"validation windows used by periodic validation (the final one uses all {VAL_WINDOWS})")
+    eval_iters: int = setting(12, "validation windows used by periodic validation (the final one uses all val_windows)")
+    val_windows: int = setting(VAL_WINDOWS, "held-out windows of the final validation, evenly spaced over the held-out "
+                                            "text (fewer: quicker and noisier; experiments.py ablations --quick)")
     log_interval: int = setting(1, "log a training step every N steps")
     # -- system
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
@@ -69,7 +71,7 @@ class TrainSettings:
         if self.lr_schedule not in ("constant", "cosine"):
             raise UserError(f"--lr_schedule must be one of constant, cosine, got {self.lr_schedule!r}")
         for name in ("max_iters", "batch_size", "gradient_accumulation_steps", "block_size", "eval_interval",
-                     "eval_iters", "log_interval"):
+                     "eval_iters", "val_windows", "log_interval"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
@@ -185,7 +187,7 @@ def train(stage, s, explicit):
     if world > 1:
         torch.distributed.barrier()
     train_data = load_split(s.data_dir, "train", model.tokenizer)
-    windows = val_windows(load_split(s.data_dir, "val", model.tokenizer))
+    windows = val_windows(load_split(s.data_dir, "val", model.tokenizer), n=s.val_windows)
     tokens_per_step = s.batch_size * s.block_size * s.gradient_accumulation_steps * world
     if master:
         print(f"{stage.NAME}: {start} -> {out_dir} | {sum(p.numel() for p in trainable):,} parameters trainable "

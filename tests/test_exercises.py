@@ -96,7 +96,7 @@ def test_stage1_commands_run(argv, tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [a for s, a in doc_commands() if s == "train_stage2"], ids=" ".join)
 def test_stage2_commands_run(argv, tiny, tiny_stage1, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(training, "val_windows", lambda data: common.val_windows(data, n=4, block=32))
+    monkeypatch.setattr(training, "val_windows", lambda data, n=None: common.val_windows(data, n=4, block=32))
     train_stage2.main(fast_form(argv, tiny, tmp_path / "run") + ["--init_from", str(tiny_stage1)])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     r = int(argv[argv.index("--lora_r") + 1])

@@ -255,7 +255,7 @@ def byte_tokenizer():
 @pytest.fixture
 def project(tmp_path, capsys, monkeypatch):
     """A tiny base with a tokenizer, a stage-1 run on it, token files; -> (stage-1 dir, run(*flags) -> JSON)."""
-    monkeypatch.setattr(training, "val_windows", lambda data: common.val_windows(data, n=4, block=32))
+    monkeypatch.setattr(training, "val_windows", lambda data, n=None: common.val_windows(data, n=4, block=32))
     tok = byte_tokenizer()
     model = tiny(vocab_size=257)
     model.tokenizer = tok

@@ -369,10 +369,12 @@ def test_compiled_decoding_equals_eager(kv):
 
         def counted(step):
             return lambda *args: calls.append(step) or step(*args)
+        steps = model.layers[0].decode_steps  # attention, MLP, and the routed path's router step
         for layer in model.layers:
             layer.decode_steps = tuple(counted(step) for step in layer.decode_steps)
         compiled = [decode(r, B) for r, B in runs]
-    assert len(calls) > 8 * len(model.layers)  # the compiled steps ran (one-token forwards only)
+    assert len(calls) > 8 * len(model.layers)  # the compiled steps ran (one-token forwards only) ...
+    assert {id(c) for c in calls} == {id(s) for s in steps}  # ... all three of them
     for (a, ga), (b, gb) in zip(eager, compiled):
         assert (a - b).abs().max() < 1e-4
         assert all(g1 is None and g2 is None or torch.equal(g1, g2) for g1, g2 in zip(ga, gb))
