@@ -3,7 +3,7 @@
     python experiments.py results             # dense, LoRA, SkipGPT at 10 / 25 / 40%, static baselines, with LoRA too (hours)
     python experiments.py headline            # 40% + LoRA against dense and ShortGPT + LoRA, 1,000 documents per task
     python experiments.py ablations           # router kind, MLP router input, weighting, budget, K/V, joint, alpha; 3 seeds
-    python experiments.py ablations --quick   # the same rows, 30 training steps, no zero-shot (~25 min)
+    python experiments.py ablations --quick   # the same rows, 16 short steps each, ranked beside the full study (~10 min)
 
 Each study is a list of jobs: training runs (train_stage1.py, train_stage2.py) and evaluations
 (eval.py), run as subprocesses, --jobs at a time on one CPU thread each (on this 2-core machine,
@@ -38,7 +38,10 @@ ablations (out/ablations/, quick: out/ablations-quick/):
   zero-shot and LAMBADA on the default subsets (first seed) for the default, joint and two-stage rows
   and for rows whose perplexity differs from the default row's by more than ZERO_SHOT_PPL_RATIO
   (smaller differences do not show above the zero-shot noise), none in --quick form; speed as
-  above, on held-out general text (where the rows' sparsity was measured). One row is one command:
+  above, on held-out general text (where the rows' sparsity was measured). The quick form (--quick,
+  one seed, out/ablations-quick/) is what fits a class period: QUICK_TRAIN and QUICK_STAGE1's flags,
+  no zero-shot, no speed; when the full study's ablations.json is in --full_dir it prints both
+  rankings side by side with Spearman's rank correlation. One row is one command:
       python experiments.py ablations --rows router-mlp --seeds 1
   trains what is missing (that row and the default row, which every row is compared with) and prints
   the table with the two.
@@ -68,7 +71,10 @@ from router import Routing, block_params
 
 PY = sys.executable
 ZERO_SHOT_PPL_RATIO = 1.5              # ablation rows this far from the default row's perplexity get zero-shot
-QUICK_STEPS = 30
+# The quick form's levers, each measured (README, "Ablations"): fewer and smaller steps, fewer held-out
+# windows, a cheaper offset calibration; no zero-shot and no speed column
+QUICK_TRAIN = ["--max_iters", "16", "--batch_size", "2", "--val_windows", "16"]  # both stages
+QUICK_STAGE1 = ["--calib_windows", "4", "--learning_rate", "1e-2"]                 # stage 1 only: routers
 ABLATION_SEED = 1337                   # the first seed of every ablation row (the training scripts' default)
 SPEED_REPEATS = 9                      # timed repetitions per model (medians): the shared machine is noisy
 
@@ -397,7 +403,8 @@ ABLATIONS = [  # (row, what it tests, train_stage1.py flags; None: stage 2 on th
 
 def study_ablations(a):
     d = Path(a.out_dir or ("out/ablations-quick" if a.quick else "out/ablations"))
-    steps = ["--max_iters", str(QUICK_STEPS)] if a.quick else []
+    quick2 = QUICK_TRAIN if a.quick else []
+    quick1 = quick2 + (QUICK_STAGE1 if a.quick else [])
     # the default row always runs: every row is compared with it (and the two-stage row starts from it)
     chosen = [r for r in ABLATIONS if r[0] in a.rows or r[0] == "default"]
     seeds = range(a.seeds)
@@ -410,9 +417,9 @@ def study_ablations(a):
             seed = ["--seed", str(ABLATION_SEED + k)]
             if flags is None:
                 cmd = [PY, "train_stage2.py", "--init_from", str(run_dir("default", k)), "--out_dir", str(run_dir(row, k)),
-                       "--threads", "1", *seed, *steps]
+                       "--threads", "1", *seed, *quick2]
             else:
-                cmd = [PY, "train_stage1.py", "--out_dir", str(run_dir(row, k)), "--threads", "1", *seed, *steps, *flags]
+                cmd = [PY, "train_stage1.py", "--out_dir", str(run_dir(row, k)), "--threads", "1", *seed, *quick1, *flags]
             train.append(Job(f"train-{row}-seed{k}", cmd, run_dir(row, k) / "summary.json",
                              [f"train-default-seed{k}"] if flags is None else []))
     failed = run_jobs(train, a.jobs, d / "logs")
@@ -438,12 +445,15 @@ def study_ablations(a):
     failed |= run_jobs(evals, a.jobs, d / "logs")
 
     # -- speed on held-out text, each row's first finished run with its own routing on the fast path
-    print(f"measuring speed (prefill of 512 held-out general tokens, 2 threads, interleaved, median of {SPEED_REPEATS}) ...")
-    models = {"dense": timed_model(assets.DEFAULT_MODEL_DIR)}
-    text = val_windows(load_split("data/general", "val", models["dense"][0].tokenizer), n=1, block=512)[:, :512]
-    models |= {row: timed_model(next(run_dir(row, k) for k in seeds if (run_dir(row, k) / "summary.json").exists()))
-               for row in summaries}
-    speeds = bench.prefill_speedups(models, text, repeats=SPEED_REPEATS)
+    #    (not in the quick form: a row's speed follows its sparsity, which the full study measures)
+    speeds = None
+    if not a.quick:
+        print(f"measuring speed (prefill of 512 held-out general tokens, 2 threads, interleaved, median of {SPEED_REPEATS}) ...")
+        models = {"dense": timed_model(assets.DEFAULT_MODEL_DIR)}
+        text = val_windows(load_split("data/general", "val", models["dense"][0].tokenizer), n=1, block=512)[:, :512]
+        models |= {row: timed_model(next(run_dir(row, k) for k in seeds if (run_dir(row, k) / "summary.json").exists()))
+                   for row in summaries}
+        speeds = bench.prefill_speedups(models, text, repeats=SPEED_REPEATS)
 
     # -- table and figure
     zs = {job.name.removeprefix("eval-"): read(job.output) for job in evals if job.output.exists()}
@@ -459,19 +469,29 @@ def study_ablations(a):
         lines.append(f"| {row} | {what} | {r['sparsity']:.3f} | {r['attn_skip']:.2f} / {r['mlp_skip']:.2f} | "
                      f"{r['ppl']:.1f} ({r['lo']:.1f}-{r['hi']:.1f}, {r['n']} seed{'s' if r['n'] > 1 else ''}) | "
                      + f"{r['ppl'] / ref:.2f} | {r['beyond']} | "
-                     + f"{zero_shot_avg} | {lambada} | {speeds[row][1]:.2f}x |")
+                     + f"{zero_shot_avg} | {lambada} | {f'{speeds[row][1]:.2f}x' if speeds else '-'} |")
     dense_ppl = next(iter(summaries.values()))[0]["val_ppl_dense"]
-    lines.append(f"\nDense: val ppl {dense_ppl:.1f}, prefill {speeds['dense'][0]:.0f} tokens/s. "
-                 f"{'Quick form: ' + str(QUICK_STEPS) + ' training steps per row. ' if a.quick else ''}"
-                 f"Seeds {ABLATION_SEED}-{ABLATION_SEED + a.seeds - 1}; \"beyond the seed spread\": the row's range of "
-                 f"perplexities and the default row's do not overlap. Zero-shot and LAMBADA (default subsets, the first "
-                 f"seed's run, its own offset) for the default, joint and two-stage rows and where the perplexity differs "
-                 f"from the default row's by more than {ZERO_SHOT_PPL_RATIO}x.")
+    dense_speed = f", prefill {speeds['dense'][0]:.0f} tokens/s" if speeds else ""
+    lines.append(f"\nDense: val ppl {dense_ppl:.1f}{dense_speed}. "
+                 f"{'Quick form (' + ' '.join(QUICK_TRAIN + QUICK_STAGE1) + '): no zero-shot, no speed. ' if a.quick else ''}"
+                 + (f"Seed {ABLATION_SEED}. " if a.seeds == 1 else f"Seeds {ABLATION_SEED}-{ABLATION_SEED + a.seeds - 1}; ")
+                 + "\"beyond the seed spread\": the row's range of perplexities and the default row's do not overlap."
+                 + ("" if a.quick else f" Zero-shot and LAMBADA (default subsets, the first seed's run, its own offset) "
+                                      f"for the default, joint and two-stage rows and where the perplexity differs from "
+                                      f"the default row's by more than {ZERO_SHOT_PPL_RATIO}x."))
+    full = Path(a.full_dir) / "ablations.json"
+    agreement = None
+    if a.quick and full.exists():  # the quick form beside the full study: does it rank the rows alike?
+        agreement = compare_rankings(rows, read(full)["rows"])
+        lines.append("\n" + agreement.pop("table"))
+    elif a.quick:
+        lines.append(f"\n(No full study in {a.full_dir} to rank against: python experiments.py ablations)")
     table = "\n".join(lines)
     plot_ablations(rows, speeds, ref, d / "ablations.png", a.quick)
-    summary = {"rows": {row: rows[row] | {"prefill_speedup": speeds[row][1],
+    summary = {"rows": {row: rows[row] | {"prefill_speedup": speeds[row][1] if speeds else None,
                                           "zero_shot_avg": zs[row]["avg_acc"] if row in zs else None}
-                        for row in summaries}, "quick": a.quick, "seeds": a.seeds, "failed": sorted(failed)}
+                        for row in summaries}, "quick": a.quick, "seeds": a.seeds, "agreement": agreement,
+               "failed": sorted(failed)}
     write_study(d, "ablations", table, summary, d / "ablations.png")
 
 
@@ -492,6 +512,47 @@ def ablation_rows(summaries):
     return rows
 
 
+def spearman(x, y):
+    """Spearman's rank correlation of two equally long lists (average ranks for ties)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    rx, ry = ranks(x), ranks(y)
+    mx, my = mean(rx), mean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return cov / var if var else float("nan")
+
+
+def compare_rankings(quick, full):
+    """The quick form's rows against the full study's: both rankings by perplexity, Spearman's rank
+    correlation over the rows both have, and every row whose difference from the default has the
+    opposite sign in the two forms while the full study's difference is larger than its seed spread
+    (its "beyond" column). -> {"spearman", "rows", "sign_flips", "table"}."""
+    common = [r for r in full if r in quick]
+    rho = spearman([quick[r]["ppl"] for r in common], [full[r]["ppl"] for r in common])
+    flips = [r for r in common if r != "default" and full[r]["beyond"].startswith("yes")
+             and (quick[r]["ppl"] - quick["default"]["ppl"]) * (full[r]["ppl"] - full["default"]["ppl"]) < 0]
+    by = {form: sorted(common, key=lambda r: rows[r]["ppl"]) for form, rows in (("quick", quick), ("full", full))}
+    lines = ["| rank | quick form: row (ppl) | full study: row (ppl, seeds) |", "|---|---|---|"]
+    for i, (q, f) in enumerate(zip(by["quick"], by["full"])):
+        lines.append(f"| {i + 1} | {q} ({quick[q]['ppl']:.1f}) | {f} ({full[f]['ppl']:.1f}, {full[f]['n']}) |")
+    lines.append(f"\nSpearman rank correlation over {len(common)} rows: {rho:.2f} (target >= 0.8). Rows whose "
+                 f"difference from the default flips sign while the full study's is beyond its seed spread: "
+                 f"{', '.join(flips) or 'none'}" + ("" if any(full[r]["n"] > 1 for r in common)
+                                                    else " (the full study has one seed: no spread known)") + ".")
+    return {"spearman": rho, "rows": common, "sign_flips": flips, "table": "\n".join(lines)}
+
+
 def row_summary(s):
     """The fields of a stage-1 or a stage-2 summary.json that an ablation row shows."""
     if "val_ppl_stage2" in s:
@@ -504,24 +565,28 @@ def plot_ablations(rows, speeds, ref, path, quick):
     import plots  # noqa: F401
     import matplotlib.pyplot as plt
     names = list(rows)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
+    panels = [("val perplexity, held-out general text (mean, range over seeds)", [rows[r]["ppl"] for r in names]),
+              ("param sparsity (val, mean)", [rows[r]["sparsity"] for r in names])]
+    if speeds:
+        panels.append(("prefill-512 speedup vs dense", [speeds[r][1] for r in names]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4), sharey=True)
     y = range(len(names))
     colors = ["C1" if r == "default" else "C0" for r in names]
     ppl = [rows[r]["ppl"] for r in names]
     err = [[rows[r]["ppl"] - rows[r]["lo"] for r in names], [rows[r]["hi"] - rows[r]["ppl"] for r in names]]
     axes[0].barh(y, ppl, xerr=err, color=colors, capsize=3)
-    for ax, values in ((axes[1], [rows[r]["sparsity"] for r in names]), (axes[2], [speeds[r][1] for r in names])):
+    for ax, (_, values) in zip(axes[1:], panels[1:]):
         ax.barh(y, values, color=colors)
-    for ax, values, xlabel in ((axes[0], ppl, "val perplexity, held-out general text (mean, range over seeds)"),
-                               (axes[1], [rows[r]["sparsity"] for r in names], "param sparsity (val, mean)"),
-                               (axes[2], [speeds[r][1] for r in names], "prefill-512 speedup vs dense")):
+    for ax, (xlabel, values) in zip(axes, panels):
         for i, v in zip(y, values):
             ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
         ax.set_xlabel(xlabel), ax.grid(alpha=0.3, axis="x")
     axes[0].axvline(ref, color="C1", lw=0.8)
-    axes[2].axvline(1.0, color="black", lw=0.8)
+    if speeds:
+        axes[2].axvline(1.0, color="black", lw=0.8)
     axes[0].set_yticks(list(y), names), axes[0].invert_yaxis()
-    fig.suptitle(f"SkipGPT stage-1 ablations on SmolLM2-135M ({QUICK_STEPS if quick else 100} steps, target 25%)")
+    fig.suptitle(f"SkipGPT stage-1 ablations on SmolLM2-135M "
+                 f"({'quick form, 16 steps of 2 x 128 tokens' if quick else '100 steps of 4 x 128 tokens'}, target 25%)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -530,7 +595,7 @@ def plot_ablations(rows, speeds, ref, path, quick):
 def parse_args(argv=None):
     p = ArgumentParser(__doc__)
     p.add_argument("study", choices=["results", "headline", "ablations"])
-    p.add_argument("--quick", action="store_true", help=f"ablations: {QUICK_STEPS} training steps per row, no zero-shot")
+    p.add_argument("--quick", action="store_true", help="ablations: the classroom form (" + " ".join(QUICK_TRAIN + QUICK_STAGE1) + "; no zero-shot, no speed)")
     p.add_argument("--rows", nargs="+", default=[r[0] for r in ABLATIONS],
                    help="ablations: only these rows (and the default row, always): "
                         + " ".join(r[0] for r in ABLATIONS))
@@ -539,6 +604,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=HEADLINE_LIMIT,
                    help=f"headline: the first N documents of every task, HellaSwag included (default {HEADLINE_LIMIT})")
     p.add_argument("--out_dir", default=None, help="where results, logs and figures go")
+    p.add_argument("--full_dir", default="out/ablations", help="ablations --quick: the full study to rank the quick form against")
     p.add_argument("--rerun_evals", action="store_true", help="evaluate again even where results exist")
     a = p.parse_args(argv)
     if a.limit < 1:

@@ -63,6 +63,8 @@ class Settings(TrainSettings):
     protect_first_tokens: int = setting(1, "the first N tokens of a sequence always execute (the first is the "
                                            "attention sink every later token reads)")
     calibrate: bool = setting(True, "after training, calibrate a logit offset so deterministic routing hits the target")
+    calib_windows: int = setting(8, "windows of 256 training tokens the offset calibration measures (fewer: quicker, "
+                                    "a less exact offset; experiments.py ablations --quick)")
     val_sampled: bool = setting(False, "also validate under Gumbel-sampled gates (how the authors' code evaluates)")
     gate_estimator: str = setting("ste", "gradient of the hard Gumbel gates: ste (straight-through, the method) | "
                                          "soft (relaxed gates in training) | none (no gradient: what breaks without STE)")
@@ -87,6 +89,8 @@ class Settings(TrainSettings):
                              ("gate_estimator", ("ste", "soft", "none"))])
         if not 0 <= self.sparsity_warmup < 1:
             raise UserError(f"--sparsity_warmup must be in [0, 1), got {self.sparsity_warmup}")
+        if not 1 <= self.calib_windows <= 8:
+            raise UserError(f"--calib_windows must be in 1..8, got {self.calib_windows}")
         if self.joint_lora_r < 0:
             raise UserError(f"--joint_lora_r must be >= 0 (0 = off), got {self.joint_lora_r}")
         if self.tau_start <= 0 or self.tau_end <= 0:
@@ -219,7 +223,7 @@ class Stage:
         calib = calibration_windows(train_data)
         if s.calibrate:
             print("calibrating the routing offset on training text ...")
-            model.routing_offset = calibrate(model, calib, s.target_sparsity, s.weighting, ctx, device)
+            model.routing_offset = calibrate(model, calib[:s.calib_windows], s.target_sparsity, s.weighting, ctx, device)
         offset = model.routing_offset
         print(f"validating on {len(windows)} fixed validation windows (deterministic gates) ...")
         with lora.disabled(model):  # the references are the base model (a joint run's LoRA off)

@@ -137,12 +137,24 @@ def test_ablation_rows_with_seeds_and_one_row_as_one_command(tmp_path, monkeypat
     monkeypatch.setattr(experiments, "val_windows", lambda *a, **k: torch.zeros(1, 513, dtype=torch.long))
     monkeypatch.setattr(bench, "prefill_speedups", lambda models, text, repeats: {m: (100.0, 1.1) for m in models})
     monkeypatch.setattr(experiments, "plot_ablations", lambda *a: None)
-    experiments.main(["ablations", "--quick", "--rows", "alpha-32", "--seeds", "2", "--out_dir", str(tmp_path)])
+    # a full study to rank against, in which alpha-32 is better than the default beyond its seed spread
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "ablations.json").write_text(json.dumps({"rows": {
+        "default": {"ppl": 60.0, "n": 3, "beyond": "-"}, "alpha-32": {"ppl": 50.0, "n": 3, "beyond": "yes, better"}}}))
+    experiments.main(["ablations", "--quick", "--rows", "alpha-32", "--seeds", "2", "--out_dir", str(tmp_path),
+                      "--full_dir", str(full)])
     assert sorted(seen) == ["train-alpha-32-seed0", "train-alpha-32-seed1", "train-default-seed0", "train-default-seed1"]
     cmd = seen["train-alpha-32-seed1"]
     assert cmd[cmd.index("--seed") + 1] == "1338" and cmd[cmd.index("--alpha") + 1] == "32"
-    assert cmd[cmd.index("--max_iters") + 1] == str(experiments.QUICK_STEPS)
-    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    for flag, value in zip(experiments.QUICK_TRAIN[::2] + experiments.QUICK_STAGE1[::2],
+                           experiments.QUICK_TRAIN[1::2] + experiments.QUICK_STAGE1[1::2]):
+        assert cmd[cmd.index(flag) + 1] == value
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = summary["rows"]
+    # quick: alpha-32 worse than the default; full: better, beyond its spread -> a sign flip, rho -1
+    assert summary["agreement"]["spearman"] == pytest.approx(-1.0) and summary["agreement"]["sign_flips"] == ["alpha-32"]
+    assert "| 1 | default (85.0) | alpha-32 (50.0, 3) |" in Path(tmp_path / "ablations.md").read_text()
     assert rows["default"]["ppl"] == 85.0 and (rows["alpha-32"]["lo"], rows["alpha-32"]["hi"]) == (100.0, 120.0)
     assert rows["alpha-32"]["beyond"] == "yes, worse"
     assert Path(tmp_path / "ablations.md").read_text().count("| alpha-32 |") == 1
@@ -152,6 +164,15 @@ def test_ablation_rows_with_seeds_and_one_row_as_one_command(tmp_path, monkeypat
                                        "x": [{"val_ppl_routed": v, "val_param_sparsity": 0.25, "val_attn_skip": 0.3,
                                               "val_mlp_skip": 0.2} for v in (85, 95)]})
     assert rows2["x"]["beyond"] == "no"
+
+
+def test_spearman_against_pearson_of_ranks():
+    import numpy as np
+    assert experiments.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert experiments.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties take their average rank: x ranks (0, 1.5, 1.5, 3), y ranks (0, 2, 1, 3)
+    want = np.corrcoef([0, 1.5, 1.5, 3], [0, 2, 1, 3])[0, 1]
+    assert experiments.spearman([5.0, 7.0, 7.0, 9.0], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(want)
 
 
 def test_results_study_rows_and_table(tmp_path, monkeypatch, capsys):

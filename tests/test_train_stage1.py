@@ -181,6 +181,7 @@ def test_existing_run_is_not_overwritten(tiny, tmp_path):
     (["--target_sparsity", "1.0"], "target_sparsity must be in"),
     (["--target_sparsity", "-0.1"], "target_sparsity must be in"),
     (["--alpha", "-1"], "alpha must be >= 0"),
+    (["--calib_windows", "0"], "calib_windows must be in 1..8"),
     (["--no_such_flag", "1"], "unrecognized arguments"),
     (["--weighting", "bytes"], "weighting must be one of"),
 ])
