@@ -450,8 +450,8 @@ def measure_costs(reg, name, m, routing_fn, tokens, steps, device, bpp, kv, dens
         caches, nxt = prefilled or prefill_context(m, tokens, steps, routing_fn)
         for layer, cache in zip(m.layers, caches):
             layer.attention.cache = cache
-        try:
-            with counter:
+        try:  # (eager: a FLOP counter sees the compiled graphs' torch.cond branches both; eager runs only one)
+            with counter, torch.compiler.set_stance("force_eager"):
                 for i in range(steps):
                     logits, _, g = m(nxt, routing=routing_fn(), start_pos=T + i)
                     nxt = logits[:, -1:].argmax(-1)

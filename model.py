@@ -20,6 +20,7 @@ References:
 import copy
 import math
 import sys
+from collections import namedtuple
 from dataclasses import dataclass, fields
 
 import torch
@@ -27,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import UserError
-from router import Router, RouterConfig, Routing
+from router import Router, RouterConfig, Routing, hard_gate
 
 
 @dataclass
@@ -399,10 +400,12 @@ class FeedForward(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# The two residual steps of a block. Decoding runs them 2 x n_layers times per token, each as ~15
-# small operations whose fixed cost rivals the matmuls' (bench.py: dense decode / floor).
+# The steps of a block. Decoding runs them n_layers times per token, each as ~15-30 small
+# operations whose fixed cost rivals the matmuls' (bench.py: dense decode / floor).
 # Transformer.compile_decoding() swaps in, for one-token forwards only, torch.compile'd versions
-# that fuse those operations; everything else (routing decisions, gathers) stays as written.
+# that fuse those operations (DecodeSteps); prefill, training and the gathers stay as written.
+
+DecodeSteps = namedtuple("DecodeSteps", "attention mlp router block routed")
 
 def attention_step(block, x, xn, cos, sin, start_pos, key_keep=None, kv=None):
     """x (B, T, dim) + attention(xn): the residual stream after the attention sublayer.
@@ -424,6 +427,57 @@ def router_step(block, x, rows):
     return xn, linear(xn, block.attention.fused[:rows])
 
 
+def branch(pred, run, skip, operands):
+    """run(*operands) if pred (a 0-d bool tensor) holds, else skip(*operands): only one of them runs.
+    Compiled, a torch.cond, a branch inside the graph; eager, a Python if (which FLOP counters see as
+    it is: bench.py counts the decoding's FLOPs eager, torch.compiler.set_stance("force_eager"))."""
+    if torch.compiler.is_compiling():
+        return torch.cond(pred, run, skip, operands)
+    return run(*operands) if pred else skip(*operands)
+
+
+def block_step(block, x, cos, sin, start_pos):
+    """The plain (dense) block: attention then MLP. Compiled for one-token forwards, one graph per block."""
+    return mlp_step(block, attention_step(block, x, None, cos, sin, start_pos))
+
+
+def routed_decode_step(block, x, cos, sin, start_pos, bias, offset, forced=None):
+    """Batch-1 decoding through a routed block whose routers are folded into the attention's
+    matrix, under "keep" (TransformerBlock._routed_decode_ok): the same result as
+    TransformerBlock._decode_one, written so that torch.compile makes the whole block one graph.
+
+    One matmul gives the routers' logits and the token's K and V; the decisions follow (hard
+    routing at `offset`, or `forced` (2, 1, 1) given); K and V go to the cache (later tokens attend
+    to a skipped one); then each sublayer is a real branch, torch.cond(pred, run, skip): only the
+    taken branch executes, and no Python runs between the block's operations (`branch`). Branches
+    return flat (dim,) vectors (torch.cond wants both branches' outputs laid out alike).
+    x (1, 1, dim) -> (out (1, 1, dim), gates (2, 1, 1) [attention, MLP])."""
+    att = block.attention
+    r, nkv, hd = att.router_rows, att.n_kv_heads * att.head_dim, att.head_dim
+    xn = block.attention_norm(x)
+    out = linear(xn, att.fused[:r + 2 * nkv])                                   # (1, 1, r + 2 nkv): logits, k, v
+    logits = out[..., :r] + bias                                                # (1, 1, 4)
+    gates = hard_gate(logits.unflatten(-1, (2, 2)), offset).movedim(-1, 0) if forced is None else forced
+    k, v = (t.unflatten(-1, (-1, hd)).transpose(1, 2) for t in out[..., r:].split(nkv, dim=-1))  # (1, nkv, 1, hd)
+    keys, values, _ = att.cache.update(start_pos, apply_rope(k, cos, sin), v)
+
+    def attend(xn, keys, values):
+        q = linear(xn, att.fused[r + 2 * nkv:]).unflatten(-1, (-1, hd)).transpose(1, 2)   # (1, nh, 1, hd)
+        y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), keys, values, enable_gqa=att.n_heads != att.n_kv_heads)
+        return att.wo(y.transpose(1, 2).reshape(1, 1, -1)).reshape(-1)
+
+    def mlp(h):
+        return block.feed_forward(block.ffn_norm(h)).reshape(-1)
+
+    def skip(t, *_):
+        return t.new_zeros(t.shape[-1])
+    h = x + branch(gates[0].reshape(()) > 0.5, attend, skip, (xn, keys, values)).view_as(x)
+    return h + branch(gates[1].reshape(()) > 0.5, mlp, skip, (h,)).view_as(x), gates
+
+
+EAGER_STEPS = DecodeSteps(attention_step, mlp_step, router_step, block_step, routed_decode_step)
+
+
 # ----------------------------------------------------------------------------------------------
 # The routed block
 
@@ -439,22 +493,16 @@ class TransformerBlock(nn.Module):
         self.ffn_router = None
         self.router_cfg = None
         self.router_fold = None       # inference only: the routers folded into the attention's matrix
-        self.decode_steps = None      # inference only: compiled (attention_step, mlp_step, router_step) (compile_decoding)
+        self.decode_steps = None      # inference only: the DecodeSteps compiled (compile_decoding)
 
     def _steps(self, T):
-        """(attention_step, mlp_step, router_step), compiled for one-token forwards after
-        Transformer.compile_decoding()."""
-        return self.decode_steps if T == 1 and self.decode_steps is not None else (attention_step, mlp_step, router_step)
-
-    def _residual_steps(self, T):
-        return self._steps(T)[:2]
+        """The block's DecodeSteps, compiled for one-token forwards after Transformer.compile_decoding()."""
+        return self.decode_steps if T == 1 and self.decode_steps is not None else EAGER_STEPS
 
     def forward(self, x, cos, sin, start_pos=0, routing: Routing | None = None):
         """x (B, T, dim) -> (out (B, T, dim), gates (2, B, T) [attention, MLP] or None when not routed)."""
         if routing is None or self.attention_router is None:  # the plain Llama block
-            attend, mlp = self._residual_steps(x.shape[1])
-            h = attend(self, x, None, cos, sin, start_pos)
-            return mlp(self, h), None
+            return self._steps(x.shape[1]).block(self, x, cos, sin, start_pos), None
         g_attn = self._gate(self.attention_router, x, routing, 0, start_pos)              # (B, T)
         key_keep = (g_attn > 0.5) if self.router_cfg.kv == "evict" else None
         h = x + g_attn[..., None].to(x.dtype) * self.attention(self.attention_norm(x), cos, sin, start_pos, key_keep)
@@ -473,6 +521,10 @@ class TransformerBlock(nn.Module):
         in one sync (the counts), which also sizes every gather: no further sync.
         """
         B, T, D = x.shape
+        if B * T == 1 and self._routed_decode_ok(x, routing, start_pos):  # compiled batch-1 decoding: one graph
+            # (mode "force": the given decisions, which gate_pair reads by position; the logits are not needed)
+            forced = None if routing.mode == "hard" else routing.gate_pair(x, self.layer_id, start_pos)
+            return self.decode_steps.routed(self, x, cos, sin, start_pos, self.router_fold[0], routing.offset, forced)
         kv = None
         if self.router_cfg.mlp_input == "block":  # decided from x: both known before attention runs
             gates, kv, xn = self._gate_pair(x, routing, start_pos)                 # (2, B, T)
@@ -492,8 +544,7 @@ class TransformerBlock(nn.Module):
             counts.append(g_mlp.sum(-1).tolist())
         n_mlp = int(sum(counts[1]))
         if n_mlp == B * T:
-            _, mlp = self._residual_steps(T)
-            out = mlp(self, h)
+            out = self._steps(T).mlp(self, h)
         elif n_mlp == 0:
             out = h
         else:
@@ -509,8 +560,7 @@ class TransformerBlock(nn.Module):
         evict = self.router_cfg.kv == "evict"
         n = sum(per_seq)
         if n == B * T:  # everyone executes: the dense path (under evict, every key is kept)
-            attend, _ = self._residual_steps(T)
-            return attend(self, x, xn, cos, sin, start_pos, g_attn > 0.5 if evict else None, kv)
+            return self._steps(T).attention(self, x, xn, cos, sin, start_pos, g_attn > 0.5 if evict else None, kv)
         rows = torch.nonzero_static(g_attn.reshape(-1), size=n).squeeze(1)             # (N,) in B*T
         out = self.attention.forward_sparse(xn, g_attn > 0.5, rows, per_seq, cos, sin, start_pos, evict, kv)
         return x if out is None else x.reshape(B * T, D).index_add(0, rows, out.to(x.dtype)).view(B, T, D)
@@ -522,7 +572,7 @@ class TransformerBlock(nn.Module):
         nothing under evict (its slot is masked); a skipped MLP costs nothing.
         """
         evict = self.router_cfg.kv == "evict"
-        attend, mlp = self._residual_steps(1)
+        attend, mlp = self._steps(1)[:2]
         if attn_on:
             h = attend(self, x, xn, cos, sin, start_pos, gates[0] > 0.5 if evict else None, kv)
         elif evict:
@@ -551,21 +601,33 @@ class TransformerBlock(nn.Module):
         first = torch.arange(gates.shape[-1], device=gates.device) < n                 # (T,)
         return torch.where(first, torch.ones_like(gates), gates)
 
+    def _folded(self, x):
+        """Whether the routers' rows lead the attention's fused matrix and can run there for x."""
+        fused = self.attention.fused_weights()
+        # (in fp32 only: in bf16, W/w and xn round differently from W and rms_norm(x), and decisions flip)
+        return (fused is not None and self.router_fold is not None and fused.dtype == torch.float32
+                and not torch.is_autocast_enabled(x.device.type) and unchanged(self.router_fold[1]))
+
+    def _routed_decode_ok(self, x, routing, start_pos):
+        """Whether a one-token forward can take the compiled routed_decode_step: compiled decoding, a
+        KV cache, "keep", the routers folded (linear, reading the block input, not a protected
+        block), deterministic or given decisions, past the protected first tokens."""
+        return (self.decode_steps is not None and self.attention.cache is not None and self.router_cfg.kv == "keep"
+                and routing.mode in ("hard", "force") and start_pos >= self.router_cfg.protect_first_tokens
+                and self._folded(x))
+
     def _gate_pair(self, x, routing, start_pos=0):
         """Both gates of the block from the block input x: (2, B, T); when the routers are folded
         into the attention's matrix under "keep", every token's (k, v) (B, T, nkv, hd) from the same
         matmul (else None); and xn = attention_norm(x)."""
         if self.layer_id < self.router_cfg.protect_first:
             return torch.ones(2, *x.shape[:2], device=x.device), None, self.attention_norm(x)
-        fused = self.attention.fused_weights()
-        # (in fp32 only: in bf16, W/w and xn round differently from W and rms_norm(x), and decisions flip)
-        if (fused is not None and self.router_fold is not None and fused.dtype == torch.float32
-                and not torch.is_autocast_enabled(x.device.type) and unchanged(self.router_fold[1])):
+        if self._folded(x):
             # rms_norm(x) = attention_norm(x) / w, so the routers' W rms_norm(x) is (W / w) xn: their
             # rows, scaled once, lead the attention's matrix and run in the K/V matmul
             r, nkv = self.attention.router_rows, self.attention.n_kv_heads * self.attention.head_dim
             keep = self.router_cfg.kv == "keep"
-            xn, out = self._steps(x.shape[1])[2](self, x, r + 2 * nkv * keep)
+            xn, out = self._steps(x.shape[1]).router(self, x, r + 2 * nkv * keep)
             logits = out[..., :r] + self.router_fold[0]                              # (B, T, 4)
             kv = None
             if keep:
@@ -655,11 +717,13 @@ class Transformer(nn.Module):
         self._fused_key = None
 
     def compile_decoding(self):
-        """torch.compile the two residual steps of every block for one-token forwards (decoding,
-        batch 1 or several sequences), for inference: the ~15 small operations of each step become a
-        few fused kernels. Prefill, training and the routing decisions stay eager. The first decoded
-        tokens pay the compilation (~10-30 s on a CPU, once per process). -> whether it compiled: False,
-        with the reason printed, where torch.compile cannot run here (no C++ compiler, say)."""
+        """torch.compile the DecodeSteps of every block for one-token forwards (decoding, batch 1 or
+        several sequences), for inference: the small operations of a step become a few fused kernels.
+        A dense block is one graph; a routed block in batch-1 decoding too (routed_decode_step, its
+        sublayers real branches); with several sequences the routed path gathers rows eagerly between
+        compiled steps. Prefill and training stay eager. The first decoded tokens pay the compilation
+        (~10-60 s on a CPU, once per process). -> whether it compiled: False, with the reason printed,
+        where torch.compile cannot run here (no C++ compiler, say)."""
         try:
             with torch.no_grad():
                 torch.compile(mlp_step)(self.layers[0], self.tok_embeddings.weight[:1, None].detach())
@@ -670,7 +734,7 @@ class Transformer(nn.Module):
         # one compiled function serves every block; shapes (cache length, batch) and the K/V and key
         # masks passed or not each specialize it once, more than dynamo's default limit of 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        steps = (torch.compile(attention_step), torch.compile(mlp_step), torch.compile(router_step))
+        steps = DecodeSteps(*(torch.compile(step) for step in EAGER_STEPS))
         for layer in self.layers:
             layer.decode_steps = steps
         return True
