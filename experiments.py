@@ -63,7 +63,7 @@ import eval as eval_mod
 import tasks
 from analyze import general_windows
 from checkpoint import load, resolve
-from common import load_split, val_windows
+from common import load_split, parse_bool, val_windows
 from convert import ensure_default_model
 from errors import ArgumentParser, UserError, cli
 from lora import merge_lora
@@ -434,7 +434,7 @@ def study_ablations(a):
     # -- zero-shot where it can show something (first seed): the default, the rows with LoRA (fine-tuning
     #    moves task quality in ways perplexity need not show), and rows far from the default
     ref = mean([s["val_ppl_routed"] for s in summaries["default"]])
-    zero_shot = [row for row, ss in summaries.items() if not a.quick and
+    zero_shot = [row for row, ss in summaries.items() if not a.quick and a.zero_shot and
                  (row in ("default", "joint", "two-stage")
                   or max(ss[0]["val_ppl_routed"] / ref, ref / ss[0]["val_ppl_routed"]) > ZERO_SHOT_PPL_RATIO)]
     evals = [Job(f"eval-{row}", eval_cmd(d / f"eval-{row}.json", "--model", run_dir(row, 0)), d / f"eval-{row}.json")
@@ -476,7 +476,7 @@ def study_ablations(a):
                  f"{'Quick form (' + ' '.join(QUICK_TRAIN + QUICK_STAGE1) + '): no zero-shot, no speed. ' if a.quick else ''}"
                  + (f"Seed {ABLATION_SEED}. " if a.seeds == 1 else f"Seeds {ABLATION_SEED}-{ABLATION_SEED + a.seeds - 1}; ")
                  + "\"beyond the seed spread\": the row's range of perplexities and the default row's do not overlap."
-                 + ("" if a.quick else f" Zero-shot and LAMBADA (default subsets, the first seed's run, its own offset) "
+                 + ("" if a.quick or not a.zero_shot else f" Zero-shot and LAMBADA (default subsets, the first seed's run, its own offset) "
                                       f"for the default, joint and two-stage rows and where the perplexity differs from "
                                       f"the default row's by more than {ZERO_SHOT_PPL_RATIO}x."))
     full = Path(a.full_dir) / "ablations.json"
@@ -604,6 +604,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=HEADLINE_LIMIT,
                    help=f"headline: the first N documents of every task, HellaSwag included (default {HEADLINE_LIMIT})")
     p.add_argument("--out_dir", default=None, help="where results, logs and figures go")
+    p.add_argument("--zero_shot", type=parse_bool, default=True,
+                   help="ablations: zero-shot evaluations of the rows that get them (false: perplexity and speed only)")
     p.add_argument("--full_dir", default="out/ablations", help="ablations --quick: the full study to rank the quick form against")
     p.add_argument("--rerun_evals", action="store_true", help="evaluate again even where results exist")
     a = p.parse_args(argv)

@@ -158,6 +158,12 @@ def test_ablation_rows_with_seeds_and_one_row_as_one_command(tmp_path, monkeypat
     assert rows["default"]["ppl"] == 85.0 and (rows["alpha-32"]["lo"], rows["alpha-32"]["hi"]) == (100.0, 120.0)
     assert rows["alpha-32"]["beyond"] == "yes, worse"
     assert Path(tmp_path / "ablations.md").read_text().count("| alpha-32 |") == 1
+    # the full form without zero-shot: perplexity and speed only, no evaluation job
+    seen.clear()
+    experiments.main(["ablations", "--rows", "alpha-32", "--seeds", "2", "--out_dir", str(tmp_path / "full-form"),
+                      "--zero_shot", "false"])
+    assert seen and not [name for name in seen if name.startswith("eval-")]
+    assert "| 1.10x |" in Path(tmp_path / "full-form" / "ablations.md").read_text()
     # overlapping ranges are not a finding
     rows2 = experiments.ablation_rows({"default": [{"val_ppl_routed": v, "val_param_sparsity": 0.25, "val_attn_skip": 0.3,
                                                     "val_mlp_skip": 0.2} for v in (80, 90)],
