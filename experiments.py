@@ -3,7 +3,7 @@
     python experiments.py results             # dense, LoRA, SkipGPT at 10 / 25 / 40%, static baselines, with LoRA too (hours)
     python experiments.py headline            # 40% + LoRA against dense and ShortGPT + LoRA, 1,000 documents per task
     python experiments.py ablations           # router kind, MLP router input, weighting, budget, K/V, joint, alpha; 3 seeds
-    python experiments.py ablations --quick   # the same rows, 16 short steps each, ranked beside the full study (~10 min)
+    python experiments.py ablations --quick   # the same rows, 16 short steps each, ranked beside the full study (~8 min)
 
 Each study is a list of jobs: training runs (train_stage1.py, train_stage2.py) and evaluations
 (eval.py), run as subprocesses, --jobs at a time on one CPU thread each (on this 2-core machine,
@@ -74,7 +74,7 @@ ZERO_SHOT_PPL_RATIO = 1.5              # ablation rows this far from the default
 # The quick form's levers, each measured (README, "Ablations"): fewer and smaller steps, fewer held-out
 # windows, a cheaper offset calibration; no zero-shot and no speed column
 QUICK_TRAIN = ["--max_iters", "16", "--batch_size", "2", "--val_windows", "16"]  # both stages
-QUICK_STAGE1 = ["--calib_windows", "4", "--learning_rate", "1e-2"]                 # stage 1 only: routers
+QUICK_STAGE1 = ["--calib_windows", "4"]                                          # stage 1 only
 ABLATION_SEED = 1337                   # the first seed of every ablation row (the training scripts' default)
 SPEED_REPEATS = 9                      # timed repetitions per model (medians): the shared machine is noisy
 
