@@ -180,7 +180,7 @@ def parse(argv=None):
     p.add_argument("--plot", default="out/bench.png", help="PNG of measured vs ideal speedup")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
-                   help="torch.compile the residual steps of one-token forwards (decode regimes; Transformer."
+                   help="torch.compile the block steps of one-token forwards (decode regimes; Transformer."
                         "compile_decoding): auto = where torch.compile works here (default)")
     p.add_argument("--transformers", type=parse_bool, default=True, metavar="BOOL",
                    help="also time transformers' LlamaForCausalLM on the same weights, where it is installed (default: true)")

@@ -28,6 +28,7 @@ from router import block_params, routing_stats
 ROOT = Path(__file__).resolve().parent
 VAL_WINDOWS = 40     # fixed validation windows ...
 VAL_BLOCK = 256      # ... of this many tokens each
+CALIB_WINDOWS = 8    # windows of training text (VAL_BLOCK tokens) that calibrate a routing offset
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def get_batch(data, batch_size, block_size, generator, device):
     return chunk[:, :-1].to(device), chunk[:, 1:].to(device)
 
 
-def calibration_windows(train_data, n=8, block=256):
+def calibration_windows(train_data, n=CALIB_WINDOWS, block=VAL_BLOCK):
     """Fixed windows of training text for the offset calibration (never validation text)."""
     return val_windows(train_data, n=n, block=block)
 

@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 from statistics import mean
 
+import numpy as np
 from tqdm import tqdm
 
 import assets
@@ -403,8 +404,8 @@ ABLATIONS = [  # (row, what it tests, train_stage1.py flags; None: stage 2 on th
 
 def study_ablations(a):
     d = Path(a.out_dir or ("out/ablations-quick" if a.quick else "out/ablations"))
-    quick2 = QUICK_TRAIN if a.quick else []
-    quick1 = quick2 + (QUICK_STAGE1 if a.quick else [])
+    quick_both = QUICK_TRAIN if a.quick else []                        # stage 1 and stage 2 runs
+    quick_stage1 = quick_both + (QUICK_STAGE1 if a.quick else [])
     # the default row always runs: every row is compared with it (and the two-stage row starts from it)
     chosen = [r for r in ABLATIONS if r[0] in a.rows or r[0] == "default"]
     seeds = range(a.seeds)
@@ -417,9 +418,9 @@ def study_ablations(a):
             seed = ["--seed", str(ABLATION_SEED + k)]
             if flags is None:
                 cmd = [PY, "train_stage2.py", "--init_from", str(run_dir("default", k)), "--out_dir", str(run_dir(row, k)),
-                       "--threads", "1", *seed, *quick2]
+                       "--threads", "1", *seed, *quick_both]
             else:
-                cmd = [PY, "train_stage1.py", "--out_dir", str(run_dir(row, k)), "--threads", "1", *seed, *quick1, *flags]
+                cmd = [PY, "train_stage1.py", "--out_dir", str(run_dir(row, k)), "--threads", "1", *seed, *quick_stage1, *flags]
             train.append(Job(f"train-{row}-seed{k}", cmd, run_dir(row, k) / "summary.json",
                              [f"train-default-seed{k}"] if flags is None else []))
     failed = run_jobs(train, a.jobs, d / "logs")
@@ -513,24 +514,11 @@ def ablation_rows(summaries):
 
 
 def spearman(x, y):
-    """Spearman's rank correlation of two equally long lists (average ranks for ties)."""
+    """Spearman's rank correlation of two equally long lists: the Pearson correlation of their ranks
+    (0-based, ties sharing their average rank)."""
     def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(v):
-            j = i
-            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-    rx, ry = ranks(x), ranks(y)
-    mx, my = mean(rx), mean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return cov / var if var else float("nan")
+        return [sum(w < u for w in v) + (sum(w == u for w in v) - 1) / 2 for u in v]
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
 
 
 def compare_rankings(quick, full):
@@ -585,8 +573,8 @@ def plot_ablations(rows, speeds, ref, path, quick):
     if speeds:
         axes[2].axvline(1.0, color="black", lw=0.8)
     axes[0].set_yticks(list(y), names), axes[0].invert_yaxis()
-    fig.suptitle(f"SkipGPT stage-1 ablations on SmolLM2-135M "
-                 f"({'quick form, 16 steps of 2 x 128 tokens' if quick else '100 steps of 4 x 128 tokens'}, target 25%)")
+    form = "quick form: " + " ".join(QUICK_TRAIN + QUICK_STAGE1) if quick else "train_stage1.py's defaults"
+    fig.suptitle(f"SkipGPT stage-1 ablations on SmolLM2-135M ({form}, target 25%)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

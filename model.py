@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import UserError
-from router import Router, RouterConfig, Routing, hard_gate
+from router import Router, RouterConfig, Routing, hard_gate_pair
 
 
 @dataclass
@@ -457,7 +457,7 @@ def routed_decode_step(block, x, cos, sin, start_pos, bias, offset, forced=None)
     xn = block.attention_norm(x)
     out = linear(xn, att.fused[:r + 2 * nkv])                                   # (1, 1, r + 2 nkv): logits, k, v
     logits = out[..., :r] + bias                                                # (1, 1, 4)
-    gates = hard_gate(logits.unflatten(-1, (2, 2)), offset).movedim(-1, 0) if forced is None else forced
+    gates = hard_gate_pair(logits, offset) if forced is None else forced                # (2, 1, 1)
     k, v = (t.unflatten(-1, (-1, hd)).transpose(1, 2) for t in out[..., r:].split(nkv, dim=-1))  # (1, nkv, 1, hd)
     keys, values, _ = att.cache.update(start_pos, apply_rope(k, cos, sin), v)
 

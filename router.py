@@ -108,6 +108,11 @@ def hard_gate(logits, offset=0.0):
     return ((logits[..., 0] - logits[..., 1]).float() + offset >= 0).float()
 
 
+def hard_gate_pair(logits, offset=0.0):
+    """Both routers of a block side by side, logits (B, T, 4) [attention pair, MLP pair] -> gates (2, B, T)."""
+    return hard_gate(logits.unflatten(-1, (2, 2)), offset).movedim(-1, 0)
+
+
 @dataclass(frozen=True)
 class Routing:
     """How a forward pass routes: a policy only. The gates it produced come back from the forward
@@ -149,7 +154,7 @@ class Routing:
     def gate_pair(self, logits, layer, start_pos=0):
         """Both gates of a block from its two routers' logits side by side, (B, T, 4) -> (2, B, T)."""
         if self.mode == "hard":  # one comparison for both: [execute, skip] pairs of attention and MLP
-            return hard_gate(logits.unflatten(-1, (2, 2)), self.offset).movedim(-1, 0)
+            return hard_gate_pair(logits, self.offset)
         if self.mode == "force":
             return self.force[layer][:, :, start_pos:start_pos + logits.shape[1]].to(logits.device, torch.float32)
         return torch.stack([self.gate(logits[..., :2], layer, 0, start_pos),

@@ -29,7 +29,7 @@ import lora
 import plots
 from baselines import shortgpt_matched
 from checkpoint import load
-from common import calibration_windows, dense_val_loss, evaluate, linear, parse_settings, setting
+from common import CALIB_WINDOWS, calibration_windows, dense_val_loss, evaluate, linear, parse_settings, setting
 from convert import ensure_default_model
 from errors import UserError, cli
 from router import RouterConfig, Routing, calibrate_offset, sparsity_loss
@@ -63,7 +63,7 @@ class Settings(TrainSettings):
     protect_first_tokens: int = setting(1, "the first N tokens of a sequence always execute (the first is the "
                                            "attention sink every later token reads)")
     calibrate: bool = setting(True, "after training, calibrate a logit offset so deterministic routing hits the target")
-    calib_windows: int = setting(8, "windows of 256 training tokens the offset calibration measures (fewer: quicker, "
+    calib_windows: int = setting(CALIB_WINDOWS, "windows of 256 training tokens the offset calibration measures (fewer: quicker, "
                                     "a less exact offset; experiments.py ablations --quick)")
     val_sampled: bool = setting(False, "also validate under Gumbel-sampled gates (how the authors' code evaluates)")
     gate_estimator: str = setting("ste", "gradient of the hard Gumbel gates: ste (straight-through, the method) | "
@@ -89,8 +89,8 @@ class Settings(TrainSettings):
                              ("gate_estimator", ("ste", "soft", "none"))])
         if not 0 <= self.sparsity_warmup < 1:
             raise UserError(f"--sparsity_warmup must be in [0, 1), got {self.sparsity_warmup}")
-        if not 1 <= self.calib_windows <= 8:
-            raise UserError(f"--calib_windows must be in 1..8, got {self.calib_windows}")
+        if not 1 <= self.calib_windows <= CALIB_WINDOWS:
+            raise UserError(f"--calib_windows must be in 1..{CALIB_WINDOWS}, got {self.calib_windows}")
         if self.joint_lora_r < 0:
             raise UserError(f"--joint_lora_r must be >= 0 (0 = off), got {self.joint_lora_r}")
         if self.tau_start <= 0 or self.tau_end <= 0:
