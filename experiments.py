@@ -412,9 +412,9 @@ def study_ablations(a):
 
     def run_dir(row, k):
         return d / row / f"seed{k}"
-    train = []
-    for row, _, flags in chosen:
-        for k in seeds:
+    train = []  # seed-major: every row gets its k-th seed before any row gets its (k+1)-th
+    for k in seeds:
+        for row, _, flags in chosen:
             seed = ["--seed", str(ABLATION_SEED + k)]
             if flags is None:
                 cmd = [PY, "train_stage2.py", "--init_from", str(run_dir("default", k)), "--out_dir", str(run_dir(row, k)),
