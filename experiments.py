@@ -565,9 +565,9 @@ def plot_ablations(rows, speeds, ref, path, quick):
     axes[0].barh(y, ppl, xerr=err, color=colors, capsize=3)
     for ax, (_, values) in zip(axes[1:], panels[1:]):
         ax.barh(y, values, color=colors)
-    for ax, (xlabel, values) in zip(axes, panels):
-        for i, v in zip(y, values):
-            ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
+    for k, (ax, (xlabel, values)) in enumerate(zip(axes, panels)):
+        for i, (r, v) in enumerate(zip(names, values)):  # the perplexity's label after its error bar
+            ax.text(rows[r]["hi"] if k == 0 else v, i, f" {v:.3g}", va="center", fontsize=8)
         ax.set_xlabel(xlabel), ax.grid(alpha=0.3, axis="x")
     axes[0].axvline(ref, color="C1", lw=0.8)
     if speeds:

@@ -405,7 +405,7 @@ class FeedForward(nn.Module):
 # Transformer.compile_decoding() swaps in, for one-token forwards only, torch.compile'd versions
 # that fuse those operations (DecodeSteps); prefill, training and the gathers stay as written.
 
-DecodeSteps = namedtuple("DecodeSteps", "attention mlp router block routed")
+DecodeSteps = namedtuple("DecodeSteps", "attention mlp router block routed sparse")
 
 def attention_step(block, x, xn, cos, sin, start_pos, key_keep=None, kv=None):
     """x (B, T, dim) + attention(xn): the residual stream after the attention sublayer.
@@ -475,7 +475,34 @@ def routed_decode_step(block, x, cos, sin, start_pos, bias, offset, forced=None)
     return h + branch(gates[1].reshape(()) > 0.5, mlp, skip, (h,)).view_as(x), gates
 
 
-EAGER_STEPS = DecodeSteps(attention_step, mlp_step, router_step, block_step, routed_decode_step)
+def sparse_decode_step(block, x, xn, kv, attn_rows, mlp_rows, cos, sin, start_pos):
+    """Several sequences decoding one token each through a routed block under "keep", the rows that
+    execute each sublayer known (TransformerBlock.forward_fast: one host sync per block sizes them):
+    the same result as the gather/scatter path, written so that torch.compile makes it one graph
+    (its sizes dynamic: one graph serves every count of executing rows).
+
+    x, xn (B, 1, dim) the block input and attention_norm(x); kv: every row's (k, v) (B, 1, nkv, hd),
+    computed with the router logits; attn_rows (Na,), mlp_rows (Nm,): the executing rows, or None
+    where none executes. Every row's K and V go to the cache (later tokens attend to a skipped one);
+    the executing rows' queries attend, each over its own sequence (a skipped row's query slot is
+    zero, its output never read: (B - Na) x cache length dot products, as the gather path's packing
+    costs too). -> out (B, 1, dim)."""
+    att = block.attention
+    B, _, D = x.shape
+    k, v = (t.transpose(1, 2) for t in kv)                                      # (B, nkv, 1, hd)
+    keys, values, _ = att.cache.update(start_pos, apply_rope(k, cos, sin), v)
+    out = x.reshape(B, D)
+    if attn_rows is not None:
+        q, = att.project(xn.reshape(B, D).index_select(0, attn_rows), kv=False)   # (Na, nh, hd)
+        q = x.new_zeros(B, *q.shape[1:]).index_copy(0, attn_rows, apply_rope(q, cos, sin))[:, :, None]  # (B, nh, 1, hd)
+        y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=att.n_heads != att.n_kv_heads)
+        out = out.index_add(0, attn_rows, att.wo(y.reshape(B, D).index_select(0, attn_rows)))
+    if mlp_rows is not None:
+        out = out.index_add(0, mlp_rows, block.feed_forward(block.ffn_norm(out.index_select(0, mlp_rows))))
+    return out.view(B, 1, D)
+
+
+EAGER_STEPS = DecodeSteps(attention_step, mlp_step, router_step, block_step, routed_decode_step, sparse_decode_step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,6 +558,11 @@ class TransformerBlock(nn.Module):
             counts = gates.sum(-1).tolist()                                         # [[attn per seq], [mlp per seq]]
             if B * T == 1:
                 return self._decode_one(x, xn, kv, cos, sin, start_pos, gates, counts[0][0], counts[1][0])
+            if T == 1 and kv is not None and self.decode_steps is not None and self.attention.cache is not None:
+                # several sequences, one token each, compiled: the sublayers on their rows, one graph
+                rows = [torch.nonzero_static(g.reshape(-1), size=int(sum(c))).squeeze(1) if sum(c) else None
+                        for g, c in zip(gates, counts)]                             # (N,) executing rows, or None
+                return self.decode_steps.sparse(self, x, xn, kv, *rows, cos, sin, start_pos), gates
             g_attn = gates[0]
         else:
             xn = self.attention_norm(x)
@@ -720,8 +752,8 @@ class Transformer(nn.Module):
         """torch.compile the DecodeSteps of every block for one-token forwards (decoding, batch 1 or
         several sequences), for inference: the small operations of a step become a few fused kernels.
         A dense block is one graph; a routed block in batch-1 decoding too (routed_decode_step, its
-        sublayers real branches); with several sequences the routed path gathers rows eagerly between
-        compiled steps. Prefill and training stay eager. The first decoded tokens pay the compilation
+        sublayers real branches); with several sequences, the router step, one host sync, then the
+        executing rows of both sublayers in one graph (sparse_decode_step). Prefill and training stay eager. The first decoded tokens pay the compilation
         (~10-60 s on a CPU, once per process). -> whether it compiled: False, with the reason printed,
         where torch.compile cannot run here (no C++ compiler, say)."""
         try:

@@ -346,7 +346,9 @@ def test_compiled_decoding_equals_eager(kv):
     """compile_decoding (torch.compile'd steps for one-token forwards) decodes as the eager model
     does: dense and routed fast decoding (with skips of both sublayers), batch 1 and 2, hard and
     given decisions; batch-1 routed decoding compiled is one graph per block with real branches
-    (routed_decode_step), eager the sublayer-by-sublayer reference (_decode_one)."""
+    (routed_decode_step), eager the sublayer-by-sublayer reference (_decode_one); with several
+    sequences, compiled, the executing rows run in one graph (sparse_decode_step), eager the
+    gather/scatter reference (Attention.forward_sparse)."""
     model = decisive_routers(routed_model(seed=3, kv=kv)).fuse_weights()
     x = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(4))
 
@@ -363,9 +365,10 @@ def test_compiled_decoding_equals_eager(kv):
             model.clear_cache()
         return torch.cat(logits, 1), gates
 
-    forced = (torch.rand(len(model.layers), 2, 1, 16, generator=torch.Generator().manual_seed(5)) > 0.4).float()
+    forced = (torch.rand(len(model.layers), 2, 2, 16, generator=torch.Generator().manual_seed(5)) > 0.4).float()
     runs = [(None, 1), (Routing(mode="hard", offset=0.5, fast=True), 1), (Routing(mode="hard", offset=0.5, fast=True), 2),
-            (Routing(mode="force", force=forced, fast=True), 1)]  # (bench.py's random routing)
+            (Routing(mode="force", force=forced[:, :, :1], fast=True), 1),  # (bench.py's random routing)
+            (Routing(mode="force", force=forced, fast=True), 2)]  # two rows: none, one or both execute a sublayer
     with torch.no_grad():
         eager = [decode(r, B) for r, B in runs]
         assert model.compile_decoding()
@@ -373,20 +376,22 @@ def test_compiled_decoding_equals_eager(kv):
 
         def counted(step):
             return lambda *args: calls.append(step) or step(*args)
-        steps = model.layers[0].decode_steps  # DecodeSteps: attention, MLP, router, dense block, routed block
+        steps = model.layers[0].decode_steps  # DecodeSteps: attention, MLP, router, dense block, routed block, rows
         for layer in model.layers:
             layer.decode_steps = type(steps)(*(counted(step) for step in layer.decode_steps))
         compiled = [decode(r, B) for r, B in runs]
     assert len(calls) > 8 * len(model.layers)  # the compiled steps ran (one-token forwards only) ...
-    # ... every one of them (batch-1 routed decoding takes the one-graph routed block under "keep";
-    # under evict it runs the steps one by one, as with several sequences)
-    want = set(steps._fields) - ({"routed"} if kv == "evict" else set())
+    # ... the ones each K/V rule should take: under "keep", routed decoding is the one-graph routed
+    # block (batch 1) or the rows step (several sequences); under evict, the sublayers' steps one by one
+    want = {"block", "router"} | ({"routed", "sparse"} if kv == "keep" else {"attention", "mlp"})
     assert {id(c) for c in calls} == {id(getattr(steps, name)) for name in want}
     for (a, ga), (b, gb) in zip(eager, compiled):
         assert (a - b).abs().max() < 1e-4
         assert all(g1 is None and g2 is None or torch.equal(g1, g2) for g1, g2 in zip(ga, gb))
     g = torch.stack(eager[1][1])                                 # (steps, L, 2, 1, 1): both sublayers skipped somewhere
     assert 0 < g[:, :, 0].mean() < 1 and 0 < g[:, :, 1].mean() < 1
+    rows = torch.stack(eager[4][1]).sum(-2)                      # (steps, L, 2, 1): rows executing, of 2
+    assert all(((rows == n).any() for n in (0, 1, 2)))
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 24), (2, 1, 24), (1, 8, 24), (9, 24), (3, 4, 24)])
