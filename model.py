@@ -403,7 +403,7 @@ class FeedForward(nn.Module):
 # The steps of a block. Decoding runs them n_layers times per token, each as ~15-30 small
 # operations whose fixed cost rivals the matmuls' (bench.py: dense decode / floor).
 # Transformer.compile_decoding() swaps in, for one-token forwards only, torch.compile'd versions
-# that fuse those operations (DecodeSteps); prefill, training and the gathers stay as written.
+# that fuse those operations (DecodeSteps); prefill and training stay as written.
 
 DecodeSteps = namedtuple("DecodeSteps", "attention mlp router block routed sparse")
 
@@ -753,9 +753,10 @@ class Transformer(nn.Module):
         several sequences), for inference: the small operations of a step become a few fused kernels.
         A dense block is one graph; a routed block in batch-1 decoding too (routed_decode_step, its
         sublayers real branches); with several sequences, the router step, one host sync, then the
-        executing rows of both sublayers in one graph (sparse_decode_step). Prefill and training stay eager. The first decoded tokens pay the compilation
-        (~10-60 s on a CPU, once per process). -> whether it compiled: False, with the reason printed,
-        where torch.compile cannot run here (no C++ compiler, say)."""
+        executing rows of both sublayers in one graph (sparse_decode_step). Prefill and training stay
+        eager. The first decoded tokens pay the compilation (~10-60 s on a CPU, once per process).
+        -> whether it compiled: False, with the reason printed, where torch.compile cannot run here
+        (no C++ compiler, say)."""
         try:
             with torch.no_grad():
                 torch.compile(mlp_step)(self.layers[0], self.tok_embeddings.weight[:1, None].detach())

@@ -376,7 +376,7 @@ def test_compiled_decoding_equals_eager(kv):
 
         def counted(step):
             return lambda *args: calls.append(step) or step(*args)
-        steps = model.layers[0].decode_steps  # DecodeSteps: attention, MLP, router, dense block, routed block, rows
+        steps = model.layers[0].decode_steps  # DecodeSteps: attention, MLP, router, dense block, routed block, sparse rows
         for layer in model.layers:
             layer.decode_steps = type(steps)(*(counted(step) for step in layer.decode_steps))
         compiled = [decode(r, B) for r, B in runs]
@@ -391,7 +391,7 @@ def test_compiled_decoding_equals_eager(kv):
     g = torch.stack(eager[1][1])                                 # (steps, L, 2, 1, 1): both sublayers skipped somewhere
     assert 0 < g[:, :, 0].mean() < 1 and 0 < g[:, :, 1].mean() < 1
     rows = torch.stack(eager[4][1]).sum(-2)                      # (steps, L, 2, 1): rows executing, of 2
-    assert all(((rows == n).any() for n in (0, 1, 2)))
+    assert all((rows == n).any() for n in (0, 1, 2))
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 24), (2, 1, 24), (1, 8, 24), (9, 24), (3, 4, 24)])
