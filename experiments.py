@@ -1,7 +1,7 @@
 """The project's studies, each one command: the results table, the paper's headline, the ablations.
 
     python experiments.py results             # dense, LoRA, SkipGPT at 10 / 25 / 40%, static baselines, with LoRA too (hours)
-    python experiments.py headline            # 40% + LoRA against dense and ShortGPT + LoRA, 1,000 documents per task
+    python experiments.py headline            # 40% + LoRA (3 seeds) against dense and ShortGPT + LoRA, 1,000 documents per task
     python experiments.py ablations           # router kind, MLP router input, weighting, budget, K/V, joint, alpha; 3 seeds
     python experiments.py ablations --quick   # the same rows, 16 short steps each, ranked beside the full study (~8 min)
 
@@ -30,7 +30,9 @@ headline (out/headline/):
   out/stage2-t0.40), evaluated with its offset recalibrated to 40% on task-like text; ShortGPT with
   as many blocks removed plus the same LoRA (train_stage2.py --shortgpt N); dense. The first 1,000
   documents of every task (all of one that has fewer); the difference of each average from dense's,
-  with its standard error from the paired per-document outcomes (eval.paired_difference).
+  with its standard error from the paired per-document outcomes (eval.paired_difference). SkipGPT's
+  two stages run with --seeds seeds (1337, 1338, ...; out/stage1-t0.40-seed1338, ...), the first
+  seed's comparison whole before the next seed trains; the table gives each seed and their mean.
 ablations (out/ablations/, quick: out/ablations-quick/):
   one stage-1 run per row and seed (3 seeds, the quick form 1), each row changing one setting of the
   default, and the two-stage row (LoRA on the default row's routers of the same seed) beside the
@@ -76,7 +78,7 @@ ZERO_SHOT_PPL_RATIO = 1.5              # ablation rows this far from the default
 # windows, a cheaper offset calibration; no zero-shot and no speed column
 QUICK_TRAIN = ["--max_iters", "16", "--batch_size", "2", "--val_windows", "16"]  # both stages
 QUICK_STAGE1 = ["--calib_windows", "4"]                                          # stage 1 only
-ABLATION_SEED = 1337                   # the first seed of every ablation row (the training scripts' default)
+FIRST_SEED = 1337                      # the first seed of every study's runs (the training scripts' default)
 SPEED_REPEATS = 9                      # timed repetitions per model (medians): the shared machine is noisy
 
 
@@ -324,61 +326,94 @@ def study_headline(a):
     n_blocks = baselines.blocks_for_param_sparsity(base.args.n_layers, HEADLINE_SPARSITY)
     s = f"{HEADLINE_SPARSITY:.2f}"
     limits = ["--limit", a.limit, "--hellaswag_limit", a.limit]
-    train = [Job("train-stage1", [PY, "train_stage1.py", "--target_sparsity", s, "--out_dir", f"out/stage1-t{s}", "--threads", "1"],
-                 f"out/stage1-t{s}/summary.json"),
-             Job("train-stage2", [PY, "train_stage2.py", "--init_from", f"out/stage1-t{s}", "--out_dir", f"out/stage2-t{s}",
-                                  "--threads", "1"], f"out/stage2-t{s}/summary.json", ["train-stage1"]),
-             Job("train-shortgpt+lora", [PY, "train_stage2.py", "--shortgpt", str(n_blocks), "--out_dir",
-                                         f"out/stage2-shortgpt{n_blocks}", "--threads", "1"],
-                 f"out/stage2-shortgpt{n_blocks}/summary.json")]
-    rows = [("dense", "dense SmolLM2-135M", Job("dense", eval_cmd(d / "dense.json", *limits), d / "dense.json")),
-            ("skipgpt+lora", f"SkipGPT stage 1 + LoRA, {HEADLINE_SPARSITY:.0%}",
-             Job("skipgpt+lora", eval_cmd(d / "skipgpt+lora.json", "--model", f"out/stage2-t{s}", "--sparsity", s, *limits),
-                 d / "skipgpt+lora.json", ["train-stage2"])),
-            ("shortgpt+lora", f"ShortGPT ({n_blocks} blocks removed) + LoRA",
-             Job("shortgpt+lora", eval_cmd(d / "shortgpt+lora.json", "--model", f"out/stage2-shortgpt{n_blocks}", *limits),
-                 d / "shortgpt+lora.json", ["train-shortgpt+lora"]))]
-    if a.rerun_evals:
-        for _, _, j in rows:
-            j.output.unlink(missing_ok=True)
-    failed = run_jobs(train + [j for _, _, j in rows], a.jobs, d / "logs")
-    results = {name: read(job.output) for name, _, job in rows if job.output.exists()}
-    if len(results) < len(rows):
-        raise UserError(f"job(s) failed: {', '.join(sorted(failed))}; logs in {d / 'logs'}")
+    seeds = [FIRST_SEED + k for k in range(a.seeds)]
 
-    dense = results["dense"]
+    def tag(seed):  # the first seed keeps the plain names (out/stage1-t0.40, the README's commands)
+        return "" if seed == FIRST_SEED else f"-seed{seed}"
+
+    def skipgpt_jobs(seed):  # stage 1 at 40%, LoRA on it, its evaluation recalibrated to 40% on task-like text
+        t, flags = tag(seed), ["--threads", "1", "--seed", str(seed)]
+        return [Job(f"train-stage1{t}", [PY, "train_stage1.py", "--target_sparsity", s, "--out_dir", f"out/stage1-t{s}{t}", *flags],
+                    f"out/stage1-t{s}{t}/summary.json"),
+                Job(f"train-stage2{t}", [PY, "train_stage2.py", "--init_from", f"out/stage1-t{s}{t}", "--out_dir", f"out/stage2-t{s}{t}",
+                                         *flags], f"out/stage2-t{s}{t}/summary.json", [f"train-stage1{t}"]),
+                Job(f"skipgpt+lora{t}", eval_cmd(d / f"skipgpt+lora{t}.json", "--model", f"out/stage2-t{s}{t}", "--sparsity", s, *limits),
+                    d / f"skipgpt+lora{t}.json", [f"train-stage2{t}"])]
+    static = [Job("train-shortgpt+lora", [PY, "train_stage2.py", "--shortgpt", str(n_blocks), "--out_dir",
+                                          f"out/stage2-shortgpt{n_blocks}", "--threads", "1"], f"out/stage2-shortgpt{n_blocks}/summary.json"),
+              Job("dense", eval_cmd(d / "dense.json", *limits), d / "dense.json"),
+              Job("shortgpt+lora", eval_cmd(d / "shortgpt+lora.json", "--model", f"out/stage2-shortgpt{n_blocks}", *limits),
+                  d / "shortgpt+lora.json", ["train-shortgpt+lora"])]
+    # seed-major: the first seed's comparison (with dense and ShortGPT + LoRA) is whole before more seeds train
+    first = skipgpt_jobs(seeds[0])
+    jobs = first[:2] + static[:2] + first[2:] + static[2:] + [j for seed in seeds[1:] for j in skipgpt_jobs(seed)]
+    evals = [j for j in jobs if not j.name.startswith("train-")]
+    if a.rerun_evals:
+        for j in evals:
+            j.output.unlink(missing_ok=True)
+    failed = run_jobs(jobs, a.jobs, d / "logs")
+    missing = [j.name for j in evals if not j.output.exists()]
+    if missing:
+        raise UserError(f"job(s) failed: {', '.join(sorted(failed))}; logs in {d / 'logs'}")
+    results = {j.name: read(j.output) for j in evals}
+    dense, shortgpt = results["dense"], results["shortgpt+lora"]
+    routed = {seed: results[f"skipgpt+lora{tag(seed)}"] for seed in seeds}
+
     all_params = sum(p.numel() for p in base.parameters())
     block_share = block_params(base.args) * base.args.n_layers / all_params
     lines = [f"| model | block parameters skipped (evaluated text) | all parameters | 7-task average (harness metric) | "
              f"% of dense | minus dense (paired SE) | general ppl | LAMBADA ppl |", "|---|---|---|---|---|---|---|---|"]
-    for name, label, _ in rows:
-        r = results[name]
-        ps = r["sparsity"]["param_sparsity"]
-        diff, se = eval_mod.paired_difference(r, dense) if name != "dense" else (0.0, 0.0)
-        lines.append(f"| {label} | {ps:.3f} | {ps * block_share:.3f} | {r['avg_harness']:.4f} | "
-                     f"{r['avg_harness'] / dense['avg_harness']:.1%} | "
-                     + (f"{diff:+.4f} ({se:.4f})" if name != "dense" else "") +
-                     f" | {r['ppl']['general']:.1f} | {r['ppl']['lambada']:.1f} |")
-    diff_d, se_d = eval_mod.paired_difference(results["skipgpt+lora"], dense)
-    diff_s, se_s = eval_mod.paired_difference(results["skipgpt+lora"], results["shortgpt+lora"])
+
+    def row(label, ps, avg, diff, ppl, lambada):
+        return (f"| {label} | {ps:.3f} | {ps * block_share:.3f} | {avg:.4f} | {avg / dense['avg_harness']:.1%} | {diff} | "
+                f"{ppl:.1f} | {lambada:.1f} |")
+
+    def one(label, r):
+        diff = "" if r is dense else "{:+.4f} ({:.4f})".format(*eval_mod.paired_difference(r, dense))
+        return row(label, r["sparsity"]["param_sparsity"], r["avg_harness"], diff, r["ppl"]["general"], r["ppl"]["lambada"])
+    lines.append(one("dense SmolLM2-135M", dense))
+    label = f"SkipGPT stage 1 + LoRA, {HEADLINE_SPARSITY:.0%}"
+    for seed, r in routed.items():
+        lines.append(one(label + (f", seed {seed}" if len(seeds) > 1 else ""), r))
+    if len(seeds) > 1:  # mean over the seeds, (range) beside the average and the difference
+        avgs = [r["avg_harness"] for r in routed.values()]
+        diffs = [eval_mod.paired_difference(r, dense)[0] for r in routed.values()]
+        lines.append(f"| {label}: mean of {len(seeds)} seeds (range) | {mean(r['sparsity']['param_sparsity'] for r in routed.values()):.3f} | "
+                     f"{mean(r['sparsity']['param_sparsity'] for r in routed.values()) * block_share:.3f} | "
+                     f"{mean(avgs):.4f} ({min(avgs):.4f}-{max(avgs):.4f}) | {mean(avgs) / dense['avg_harness']:.1%} | "
+                     f"{mean(diffs):+.4f} ({min(diffs):+.4f} to {max(diffs):+.4f}) | "
+                     f"{mean(r['ppl']['general'] for r in routed.values()):.1f} | {mean(r['ppl']['lambada'] for r in routed.values()):.1f} |")
+    lines.append(one(f"ShortGPT ({n_blocks} blocks removed) + LoRA", shortgpt))
+
+    def verdict(diff, se):
+        return ("matches dense (within two paired standard errors)" if abs(diff) <= 2 * se else
+                "does not match dense (more than two paired standard errors below)" if diff < 0 else
+                "is above dense by more than two paired standard errors")
+    minus_dense = {seed: eval_mod.paired_difference(r, dense) for seed, r in routed.items()}
+    minus_shortgpt = {seed: eval_mod.paired_difference(r, shortgpt) for seed, r in routed.items()}
     n = {t: r["n"] for t, r in dense["tasks"].items()}
-    verdict = ("matches dense (within two paired standard errors)" if abs(diff_d) <= 2 * se_d else
-               "does not match dense (more than two paired standard errors below)" if diff_d < 0 else
-               "is above dense by more than two paired standard errors")
-    lines.append(f"\nSkipGPT + LoRA {verdict}: {diff_d:+.4f} +- {se_d:.4f}, {results['skipgpt+lora']['avg_harness'] / dense['avg_harness']:.1%} "
-                 f"of dense. Against ShortGPT + LoRA: {diff_s:+.4f} +- {se_s:.4f} "
-                 f"({'above by more than two standard errors' if diff_s > 2 * se_s else 'not above by two standard errors'}). "
-                 f"{HEADLINE_SPARSITY:.0%} of block parameters is {HEADLINE_SPARSITY * block_share:.1%} of all "
-                 f"{all_params / 1e6:.1f}M parameters (the embeddings are the rest). Documents per task: "
-                 + ", ".join(f"{t} {k}" for t, k in n.items()) + ". Average: acc_norm for PIQA, HellaSwag, ARC and "
-                 f"OpenBookQA, acc for BoolQ and WinoGrande; BoolQ's majority class {dense['tasks']['boolq']['majority']:.3f}.")
+    for seed in seeds:
+        (diff_d, se_d), (diff_s, se_s) = minus_dense[seed], minus_shortgpt[seed]
+        lines.append(f"\nSkipGPT + LoRA{f' (seed {seed})' if len(seeds) > 1 else ''} {verdict(diff_d, se_d)}: "
+                     f"{diff_d:+.4f} +- {se_d:.4f}, {routed[seed]['avg_harness'] / dense['avg_harness']:.1%} of dense. "
+                     f"Against ShortGPT + LoRA: {diff_s:+.4f} +- {se_s:.4f} "
+                     f"({'above by more than two standard errors' if diff_s > 2 * se_s else 'not above by two standard errors'}).")
+    lines.append(f"\n{HEADLINE_SPARSITY:.0%} of block parameters is {HEADLINE_SPARSITY * block_share:.1%} of all "
+                 f"{all_params / 1e6:.1f}M parameters (the embeddings are the rest). "
+                 + (f"Seeds {seeds[0]}-{seeds[-1]} for SkipGPT's two stages; ShortGPT + LoRA and dense: one run each. "
+                    if len(seeds) > 1 else "")
+                 + "Documents per task: " + ", ".join(f"{t} {k}" for t, k in n.items()) + ". Average: acc_norm for PIQA, "
+                 f"HellaSwag, ARC and OpenBookQA, acc for BoolQ and WinoGrande; BoolQ's majority class "
+                 f"{dense['tasks']['boolq']['majority']:.3f}.")
     table = "\n".join(lines)
     summary = {"rows": {name: {"avg_harness": r["avg_harness"], "avg_acc": r["avg_acc"], "avg_acc_norm": r["avg_acc_norm"],
                                "param_sparsity": r["sparsity"]["param_sparsity"], "ppl": r["ppl"],
                                "tasks": {t: {k: v[k] for k in ("acc", "acc_norm", "n", "majority")} for t, v in r["tasks"].items()}}
                         for name, r in results.items()},
-               "minus_dense": [diff_d, se_d], "minus_shortgpt_lora": [diff_s, se_s], "block_share_of_all": block_share,
-               "failed": sorted(failed)}
+               "seeds": seeds, "minus_dense": minus_dense[seeds[0]], "minus_shortgpt_lora": minus_shortgpt[seeds[0]],
+               "minus_dense_by_seed": {str(k): v for k, v in minus_dense.items()},
+               "minus_shortgpt_lora_by_seed": {str(k): v for k, v in minus_shortgpt.items()},
+               "block_share_of_all": block_share, "failed": sorted(failed)}
     (d / "headline.md").write_text(table + "\n")
     (d / "headline.json").write_text(json.dumps(summary, indent=1))
     print("\n" + table)
@@ -415,7 +450,7 @@ def study_ablations(a):
     train = []  # seed-major: every row gets its k-th seed before any row gets its (k+1)-th
     for k in seeds:
         for row, _, flags in chosen:
-            seed = ["--seed", str(ABLATION_SEED + k)]
+            seed = ["--seed", str(FIRST_SEED + k)]
             if flags is None:
                 cmd = [PY, "train_stage2.py", "--init_from", str(run_dir("default", k)), "--out_dir", str(run_dir(row, k)),
                        "--threads", "1", *seed, *quick_both]
@@ -475,7 +510,7 @@ def study_ablations(a):
     dense_speed = f", prefill {speeds['dense'][0]:.0f} tokens/s" if speeds else ""
     lines.append(f"\nDense: val ppl {dense_ppl:.1f}{dense_speed}. "
                  f"{'Quick form (' + ' '.join(QUICK_TRAIN + QUICK_STAGE1) + '): no zero-shot, no speed. ' if a.quick else ''}"
-                 + (f"Seed {ABLATION_SEED}. " if a.seeds == 1 else f"Seeds {ABLATION_SEED}-{ABLATION_SEED + a.seeds - 1}; ")
+                 + (f"Seed {FIRST_SEED}. " if a.seeds == 1 else f"Seeds {FIRST_SEED}-{FIRST_SEED + a.seeds - 1}; ")
                  + "\"beyond the seed spread\": the row's range of perplexities and the default row's do not overlap."
                  + ("" if a.quick or not a.zero_shot else f" Zero-shot and LAMBADA (default subsets, the first seed's run, its own offset) "
                                       f"for the default, joint and two-stage rows and where the perplexity differs from "
@@ -587,7 +622,7 @@ def parse_args(argv=None):
     p.add_argument("--rows", nargs="+", default=[r[0] for r in ABLATIONS],
                    help="ablations: only these rows (and the default row, always): "
                         + " ".join(r[0] for r in ABLATIONS))
-    p.add_argument("--seeds", type=int, default=None, help="ablations: training seeds per row (default 3; quick form 1)")
+    p.add_argument("--seeds", type=int, default=None, help="ablations: training seeds per row; headline: SkipGPT's seeds (default 3; quick form 1)")
     p.add_argument("--jobs", type=int, default=2, help="jobs at a time, one CPU thread each")
     p.add_argument("--limit", type=int, default=HEADLINE_LIMIT,
                    help=f"headline: the first N documents of every task, HellaSwag included (default {HEADLINE_LIMIT})")

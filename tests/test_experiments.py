@@ -82,12 +82,13 @@ def test_headline_commands_and_verdicts(tmp_path, monkeypatch, capsys):
     model = tiny_model(n_layers=10)
     monkeypatch.setattr(experiments, "ensure_default_model", lambda: "base")
     monkeypatch.setattr(experiments, "load", lambda path: model)
-    outcomes = {"dense": [1, 1, 0, 1] * 50, "skipgpt+lora": [1, 0, 0, 1] * 50, "shortgpt+lora": [0, 0, 0, 1] * 50}
+    outcomes = {"dense": [1, 1, 0, 1] * 50, "skipgpt+lora": [1, 0, 0, 1] * 50, "shortgpt+lora": [0, 0, 0, 1] * 50,
+                "skipgpt+lora-seed1338": [1, 1, 0, 1] * 50}   # the second seed: level with dense
     seen = {}
 
     def fake_run_jobs(jobs, n_parallel, log_dir):
         for j in jobs:
-            seen[j.name] = j.cmd
+            seen[j.name] = list(map(str, j.cmd))
             if j.name in outcomes:
                 c = outcomes[j.name]
                 task = {"acc": sum(c) / len(c), "acc_norm": sum(c) / len(c), "n": len(c), "majority": 0.6,
@@ -99,20 +100,29 @@ def test_headline_commands_and_verdicts(tmp_path, monkeypatch, capsys):
                                                 "ppl": {"general": 30.0, "lambada": 40.0}}))
         return set()
     monkeypatch.setattr(experiments, "run_jobs", fake_run_jobs)
-    experiments.main(["headline", "--out_dir", str(tmp_path)])
+    experiments.main(["headline", "--out_dir", str(tmp_path), "--seeds", "2"])
     out = capsys.readouterr().out
-    # 40% of 10 blocks: ShortGPT removes 4; the routed model is recalibrated to 40% on task text;
+    # 40% of 10 blocks: ShortGPT removes 4; the routed models are recalibrated to 40% on task text;
     # every evaluation scores 1,000 documents per task, HellaSwag included
     assert seen["train-shortgpt+lora"][seen["train-shortgpt+lora"].index("--shortgpt") + 1] == "4"
-    assert seen["skipgpt+lora"][seen["skipgpt+lora"].index("--sparsity") + 1] == "0.40"
     for name in outcomes:
-        cmd = list(map(str, seen[name]))
+        cmd = seen[name]
         assert cmd[cmd.index("--limit") + 1] == cmd[cmd.index("--hellaswag_limit") + 1] == "1000"
-    # SkipGPT: 0.50 against dense 0.75 (200 paired documents, SE ~0.03): does not match dense;
-    # against ShortGPT + LoRA's 0.25: above by more than two standard errors
+    # each seed: its own stage 1, its LoRA on that stage 1, evaluated; the first seed keeps the plain names
+    for t, seed in (("", "1337"), ("-seed1338", "1338")):
+        s1, s2, ev = seen[f"train-stage1{t}"], seen[f"train-stage2{t}"], seen[f"skipgpt+lora{t}"]
+        assert s1[s1.index("--seed") + 1] == s2[s2.index("--seed") + 1] == seed
+        assert s1[s1.index("--out_dir") + 1] == s2[s2.index("--init_from") + 1] == f"out/stage1-t0.40{t}"
+        assert ev[ev.index("--model") + 1] == s2[s2.index("--out_dir") + 1] == f"out/stage2-t0.40{t}"
+        assert ev[ev.index("--sparsity") + 1] == "0.40"
+    # seed 1337: 0.50 against dense 0.75 (200 paired documents, SE ~0.03): does not match dense; against
+    # ShortGPT + LoRA's 0.25: above by more than two standard errors. Seed 1338 matches dense. Mean 0.625.
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["minus_dense"][0] == pytest.approx(-0.25) and summary["minus_shortgpt_lora"][0] == pytest.approx(0.25)
-    assert "does not match dense" in out and "above by more than two standard errors" in out
+    assert summary["minus_dense_by_seed"]["1338"][0] == pytest.approx(0.0)
+    assert "(seed 1337) does not match dense" in out and "(seed 1338) matches dense" in out
+    assert "above by more than two standard errors" in out
+    assert "| 0.6250 (0.5000-0.7500) | 83.3% | -0.1250 (-0.2500 to +0.0000) |" in out
 
 
 def test_ablation_rows_with_seeds_and_one_row_as_one_command(tmp_path, monkeypatch, capsys):
