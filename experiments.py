@@ -352,8 +352,7 @@ def study_headline(a):
         for j in evals:
             j.output.unlink(missing_ok=True)
     failed = run_jobs(jobs, a.jobs, d / "logs")
-    missing = [j.name for j in evals if not j.output.exists()]
-    if missing:
+    if not all(j.output.exists() for j in evals):
         raise UserError(f"job(s) failed: {', '.join(sorted(failed))}; logs in {d / 'logs'}")
     results = {j.name: read(j.output) for j in evals}
     dense, shortgpt = results["dense"], results["shortgpt+lora"]
@@ -364,13 +363,11 @@ def study_headline(a):
     lines = [f"| model | block parameters skipped (evaluated text) | all parameters | 7-task average (harness metric) | "
              f"% of dense | minus dense (paired SE) | general ppl | LAMBADA ppl |", "|---|---|---|---|---|---|---|---|"]
 
-    def row(label, ps, avg, diff, ppl, lambada):
-        return (f"| {label} | {ps:.3f} | {ps * block_share:.3f} | {avg:.4f} | {avg / dense['avg_harness']:.1%} | {diff} | "
-                f"{ppl:.1f} | {lambada:.1f} |")
-
-    def one(label, r):
+    def one(label, r):  # a model's row
+        ps, avg = r["sparsity"]["param_sparsity"], r["avg_harness"]
         diff = "" if r is dense else "{:+.4f} ({:.4f})".format(*eval_mod.paired_difference(r, dense))
-        return row(label, r["sparsity"]["param_sparsity"], r["avg_harness"], diff, r["ppl"]["general"], r["ppl"]["lambada"])
+        return (f"| {label} | {ps:.3f} | {ps * block_share:.3f} | {avg:.4f} | {avg / dense['avg_harness']:.1%} | {diff} | "
+                f"{r['ppl']['general']:.1f} | {r['ppl']['lambada']:.1f} |")
     lines.append(one("dense SmolLM2-135M", dense))
     label = f"SkipGPT stage 1 + LoRA, {HEADLINE_SPARSITY:.0%}"
     for seed, r in routed.items():
