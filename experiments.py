@@ -363,31 +363,31 @@ def study_headline(a):
     lines = [f"| model | block parameters skipped (evaluated text) | all parameters | 7-task average (harness metric) | "
              f"% of dense | minus dense (paired SE) | general ppl | LAMBADA ppl |", "|---|---|---|---|---|---|---|---|"]
 
-    def one(label, r):  # a model's row
+    minus_dense = {seed: eval_mod.paired_difference(r, dense) for seed, r in routed.items()}
+    minus_shortgpt = {seed: eval_mod.paired_difference(r, shortgpt) for seed, r in routed.items()}
+
+    def one(label, r, diff=""):  # a model's row; diff: (difference from dense, paired SE)
         ps, avg = r["sparsity"]["param_sparsity"], r["avg_harness"]
-        diff = "" if r is dense else "{:+.4f} ({:.4f})".format(*eval_mod.paired_difference(r, dense))
-        return (f"| {label} | {ps:.3f} | {ps * block_share:.3f} | {avg:.4f} | {avg / dense['avg_harness']:.1%} | {diff} | "
-                f"{r['ppl']['general']:.1f} | {r['ppl']['lambada']:.1f} |")
+        return (f"| {label} | {ps:.3f} | {ps * block_share:.3f} | {avg:.4f} | {avg / dense['avg_harness']:.1%} | "
+                f"{'{:+.4f} ({:.4f})'.format(*diff) if diff else ''} | {r['ppl']['general']:.1f} | {r['ppl']['lambada']:.1f} |")
     lines.append(one("dense SmolLM2-135M", dense))
     label = f"SkipGPT stage 1 + LoRA, {HEADLINE_SPARSITY:.0%}"
     for seed, r in routed.items():
-        lines.append(one(label + (f", seed {seed}" if len(seeds) > 1 else ""), r))
+        lines.append(one(label + (f", seed {seed}" if len(seeds) > 1 else ""), r, minus_dense[seed]))
     if len(seeds) > 1:  # mean over the seeds, (range) beside the average and the difference
         avgs = [r["avg_harness"] for r in routed.values()]
-        diffs = [eval_mod.paired_difference(r, dense)[0] for r in routed.values()]
-        lines.append(f"| {label}: mean of {len(seeds)} seeds (range) | {mean(r['sparsity']['param_sparsity'] for r in routed.values()):.3f} | "
-                     f"{mean(r['sparsity']['param_sparsity'] for r in routed.values()) * block_share:.3f} | "
+        diffs = [d for d, _ in minus_dense.values()]
+        ps = mean(r["sparsity"]["param_sparsity"] for r in routed.values())
+        lines.append(f"| {label}: mean of {len(seeds)} seeds (range) | {ps:.3f} | {ps * block_share:.3f} | "
                      f"{mean(avgs):.4f} ({min(avgs):.4f}-{max(avgs):.4f}) | {mean(avgs) / dense['avg_harness']:.1%} | "
                      f"{mean(diffs):+.4f} ({min(diffs):+.4f} to {max(diffs):+.4f}) | "
                      f"{mean(r['ppl']['general'] for r in routed.values()):.1f} | {mean(r['ppl']['lambada'] for r in routed.values()):.1f} |")
-    lines.append(one(f"ShortGPT ({n_blocks} blocks removed) + LoRA", shortgpt))
+    lines.append(one(f"ShortGPT ({n_blocks} blocks removed) + LoRA", shortgpt, eval_mod.paired_difference(shortgpt, dense)))
 
     def verdict(diff, se):
         return ("matches dense (within two paired standard errors)" if abs(diff) <= 2 * se else
                 "does not match dense (more than two paired standard errors below)" if diff < 0 else
                 "is above dense by more than two paired standard errors")
-    minus_dense = {seed: eval_mod.paired_difference(r, dense) for seed, r in routed.items()}
-    minus_shortgpt = {seed: eval_mod.paired_difference(r, shortgpt) for seed, r in routed.items()}
     n = {t: r["n"] for t, r in dense["tasks"].items()}
     for seed in seeds:
         (diff_d, se_d), (diff_s, se_s) = minus_dense[seed], minus_shortgpt[seed]
