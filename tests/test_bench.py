@@ -1,9 +1,12 @@
 """bench.py on a tiny model: it runs, reports every variant, and its FLOP accounting is consistent."""
 import json
+import math
 
 import pytest
 
 import bench
+from checkpoint import load
+from router import RouterConfig
 from tiny import save_tiny_model
 
 
@@ -16,8 +19,15 @@ def test_bench_quick_on_a_tiny_model(tmp_path, capsys):
     assert {r["variant"] for r in rows} == {"dense", "fast", "masked", "shortgpt", "transformers", "floor",
                                               "floor_flinear"}
     assert out["checks"]["prefill64 fast vs masked max |logit diff|"] < 1e-4  # the same decisions, the same logits
-    assert out["checks"]["decode64 dense / floor"] > 0
-    assert out["checks"]["decode64 F.linear floor / floor"] > 0
+    assert all(math.isfinite(out["checks"][k]) for k in ("decode64 dense / floor", "decode64 F.linear floor / floor"))
+    # the floor multiplies by every matrix that dense decoding reads (not the routers' rows): the
+    # analytic weight bytes of a dense step, less the norms' weights
+    model = load(base)
+    model.add_routers(RouterConfig(protect_first=0))
+    model.fuse_weights()
+    a, dense = model.args, next(r for r in rows if r["variant"] == "dense" and r["regime"] == "decode64")
+    norm_bytes = (2 * a.n_layers + 1) * a.dim * 4
+    assert sum(m.numel() for m in bench.decode_weights(model)) * 4 == dense["weight_bytes_per_step"] - norm_bytes
     assert (tmp_path / "b.png").exists()
     for r in rows:
         keys = ("variant", "regime", "sparsity", "tokens_per_s", "speedup", "ideal_speedup", "efficiency")
@@ -91,7 +101,9 @@ def test_bench_with_trained_routers_times_held_out_text(tmp_path, capsys):
     assert set(fast) == {"prefill64", "decode64", "decode32x4"}
     assert all(0.05 < r["sparsity"] < 0.9 and r["flops_counted_per_token"] < masked[g]["flops_counted_per_token"]
                for g, r in fast.items())  # the routers skip on this text, and the fast path runs less
-    assert all(masked[g]["sparsity"] == fast[g]["sparsity"] for g in fast)  # the same routing, run in full
+    # the same routing, run in full: each row's sparsity comes from its own gates
+    assert all(abs(masked[g]["sparsity"] - fast[g]["sparsity"]) < 0.02 for g in fast)
+    assert all(masked[g]["executed_param_fraction"] == 1 for g in fast)
     assert out["checks"]["prefill64 fast vs masked max |logit diff|"] < 1e-4
 
 

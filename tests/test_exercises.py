@@ -3,6 +3,7 @@ on a tiny model, and the "write it yourself" parts have tests that check the ref
 (the same tests check a student's).
 """
 import json
+import math
 import re
 import shlex
 from pathlib import Path
@@ -20,7 +21,8 @@ import train_stage1
 import train_stage2
 import training
 from common import parse_settings
-from router import RouterConfig, Routing, gumbel_gate
+from checkpoint import load
+from router import RouterConfig, Routing, gumbel_gate, routing_stats
 from tiny import save_tiny_data, save_tiny_model
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "EXERCISES.md"
@@ -89,9 +91,16 @@ def tiny_stage1(tiny):
 
 @pytest.mark.parametrize("argv", [a for s, a in doc_commands() if s == "train_stage1"], ids=" ".join)
 def test_stage1_commands_run(argv, tiny, tmp_path, capsys):
-    train_stage1.main(fast_form(argv, tiny, tmp_path / "run") + ["--init_from", str(tiny[0])])
+    argv = fast_form(argv, tiny, tmp_path / "run") + ["--init_from", str(tiny[0])]
+    train_stage1.main(argv)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["val_ppl_routed"] > 0 and (tmp_path / "run" / "skip_rates.png").exists()
+    assert math.isfinite(summary["val_ppl_routed"]) and (tmp_path / "run" / "skip_rates.png").exists()
+    # what the exercise's flag changes shows in the run (the gate estimators: tests/test_train_stage1.py)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    first_step = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    flags = dict(zip(argv[::2], argv[1::2]))
+    assert cfg["router"]["kv"] == flags.get("--kv", "keep")
+    assert first_step["tau"] == float(flags.get("--tau_start", train_stage1.Settings.tau_start))
 
 
 @pytest.mark.parametrize("argv", [a for s, a in doc_commands() if s == "train_stage2"], ids=" ".join)
@@ -110,7 +119,17 @@ def test_analyze_runs(tiny, tiny_stage1, tmp_path, monkeypatch, capsys):
                            "--text", "to be or not to be", "--threads", "1"])
     assert all((tmp_path / f).exists() for f in ("per_layer.png", "position.png", "routing_map.png"))
     plays = result["texts"][f"held-out {tiny[1].name}"]
-    assert len(plays["attn_exec_by_position"]) == 256 // 16 and 0 <= plays["param_sparsity"] <= 1
+    assert len(plays["attn_exec_by_position"]) == 256 // 16
+    # the same windows through the masked path (unfused, every sublayer run, the gates applied): the
+    # same decisions, at the run's own offset
+    model = load(tiny_stage1)
+    windows = common.val_windows(common.load_split(tiny[1], "val", model.tokenizer))
+    with torch.no_grad():
+        _, _, gates = model(windows[:, :-1], routing=Routing(mode="hard", offset=model.routing_offset, fast=False))
+    st = routing_stats(gates.float(), model.args, model.router_cfg.kv)
+    assert 0 < st["param_sparsity"] < 1 and result["offset"] == model.routing_offset
+    assert plays["param_sparsity"] == pytest.approx(st["param_sparsity"], abs=1e-6)
+    assert plays["mlp_exec_per_layer"] == pytest.approx([round(1 - x, 3) for x in st["mlp_skip_per_layer"]], abs=1e-3)
 
 
 def test_position_profile_averages_routed_blocks_only():

@@ -279,6 +279,10 @@ def test_cli_end_to_end(tmp_path, project):
     summary = run("--init_from", str(stage1), "--out_dir", str(out), "--merge", "true")
     assert {"val_loss_dense", "val_loss_stage1", "val_loss_stage2", "val_sparsity", "out_dir"} <= set(summary)
     assert summary["val_loss_stage2"] != summary["val_loss_stage1"]
+    # the dense reference is the base model, evaluated here (the runs read it from the reference cache)
+    base = load(tmp_path / "base")
+    dense_loss = common.evaluate(base, training.val_windows(common.load_split(tmp_path / "data", "val", base.tokenizer)))["loss"]
+    assert summary["val_loss_dense"] == pytest.approx(dense_loss, abs=1e-6)
     assert (out / "curves.png").exists() and read_config(out)["finished"]
     assert [r["iter"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"] == [0, 1, 2]
     x = tokens(vocab=257)
@@ -296,7 +300,7 @@ def test_cli_end_to_end(tmp_path, project):
 
     dense = run("--init_from", str(stage1), "--out_dir", str(tmp_path / "dense"), "--dense", "true")
     assert {"val_loss_dense", "val_loss_dense_lora", "out_dir"} <= set(dense)
-    assert dense["val_loss_dense"] == summary["val_loss_dense"] and dense["val_loss_dense_lora"] != dense["val_loss_dense"]
+    assert dense["val_loss_dense"] == pytest.approx(dense_loss, abs=1e-6) and dense["val_loss_dense_lora"] != dense["val_loss_dense"]
     assert read_config(tmp_path / "dense")["stage1"] is None
     with pytest.raises(UserError, match="converted model without routers"):
         run("--init_from", str(tmp_path / "base"), "--out_dir", str(tmp_path / "x"))

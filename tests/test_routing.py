@@ -300,9 +300,12 @@ def test_cached_routed_generation_equals_uncached():
             layer.ffn_router.proj.weight.mul_(20)
     prompt = torch.randint(0, 101, (2, 6))
     for fast in (False, True):
-        a = model.generate(prompt, 15, temperature=0, routing=Routing(fast=fast), use_cache=True)
+        gates = []
+        a = model.generate(prompt, 15, temperature=0, routing=Routing(fast=fast), use_cache=True,
+                           on_token=lambda ids, g: gates.append(g.float()[..., -1:]))  # the new tokens' decisions
         b = model.generate(prompt, 15, temperature=0, routing=Routing(fast=fast), use_cache=False)
         assert torch.equal(a, b)
+        assert 0.1 < torch.cat(gates, -1).mean() < 0.9  # the decoded tokens skipped and executed sublayers
 
 
 def test_calibrated_offset_hits_the_requested_sparsity():
