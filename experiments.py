@@ -23,6 +23,7 @@ results (out/results/):
             (held-out task documents and LAMBADA passages), so rows compare at the sparsity named.
   accuracy  per task the metric lm-evaluation-harness reports (tasks.HARNESS_METRIC), their average, and
             plain acc's average beside it; BoolQ's majority-class rate under the table.
+  knowledge the share of tasks.KNOWLEDGE's factual prompts answered as the dense model answers them.
   curve     quality_vs_sparsity.png: LAMBADA perplexity and the average against the sparsity reached.
   speed     prefill of 512 tokens of general text (LAMBADA), every model's own routing on the fast path.
 headline (out/headline/):
@@ -239,10 +240,10 @@ def study_results(a):
 
     # -- the table: the harness metric per task (tasks.HARNESS_METRIC), their average, and plain acc's average
     dense = results["dense"]
-    lines = ["| model | param sparsity (attn / MLP skip) | general ppl | plays ppl | LAMBADA ppl | "
+    lines = ["| model | param sparsity (attn / MLP skip) | general ppl | plays ppl | LAMBADA ppl | knowledge | "
              + " | ".join(f"{t} ({tasks.HARNESS_METRIC[t]})" for t in tasks.TASKS)
              + " | average (% of dense) | average acc | prefill speedup |",
-             "|---" * (len(tasks.TASKS) + 8) + "|"]
+             "|---" * (len(tasks.TASKS) + 9) + "|"]
     for name, label, _ in rows:
         if name not in results:
             lines.append(f"| {label} | (failed: see {d / 'logs' / (name + '.log')}) |")
@@ -250,6 +251,7 @@ def study_results(a):
         r, sp = results[name], results[name]["sparsity"]
         lines.append(f"| {label} | {sp['param_sparsity']:.3f} ({sp['attn_skip']:.2f} / {sp['mlp_skip']:.2f}) | "
                      f"{r['ppl']['general']:.1f} | {r['ppl']['shakespeare']:.1f} | {r['ppl']['lambada']:.1f} | "
+                     f"{r['knowledge']:.0%} | "
                      + " | ".join(f"{r['tasks'][t][tasks.HARNESS_METRIC[t]]:.3f}" for t in tasks.TASKS)
                      + f" | {r['avg_harness']:.3f} ({r['avg_harness'] / dense['avg_harness']:.0%}) | {r['avg_acc']:.3f} "
                      f"| {speeds[name][1]:.2f}x |")
@@ -269,7 +271,8 @@ def study_results(a):
         for key in quality_curves(name, r["kind"]):
             points[key].append((r["sparsity"]["param_sparsity"], r["ppl"]["lambada"], r["ppl"]["general"], r["avg_harness"]))
     plot_quality(points, dense, d / "quality_vs_sparsity.png")
-    summary = {"rows": {name: {**{k: results[name][k] for k in ("ppl", "avg_acc", "avg_acc_norm", "avg_harness", "sparsity")},
+    summary = {"rows": {name: {**{k: results[name][k] for k in ("ppl", "knowledge", "avg_acc", "avg_acc_norm", "avg_harness",
+                                                                 "sparsity")},
                                "tasks": {t: {k: results[name]["tasks"][t][k] for k in ("acc", "acc_norm", "n", "majority")}
                                          for t in tasks.TASKS},
                                "prefill_tokens_per_s": speeds[name][0], "prefill_speedup": speeds[name][1]}

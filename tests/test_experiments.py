@@ -217,7 +217,7 @@ def test_results_study_rows_and_table(tmp_path, monkeypatch, capsys):
                     for t in tasks.TASKS}
             j.output.parent.mkdir(parents=True, exist_ok=True)
             j.output.write_text(json.dumps({"kind": kind, "tasks": task, "avg_acc": 0.5, "avg_acc_norm": 0.4, "avg_harness": 0.55,
-                                            "sparsity": {"param_sparsity": 0.25, "module_sparsity": 0.27, "attn_skip": 0.3, "mlp_skip": 0.25},
+                                            "knowledge": 0.5, "sparsity": {"param_sparsity": 0.25, "module_sparsity": 0.27, "attn_skip": 0.3, "mlp_skip": 0.25},
                                             "ppl": {"general": 50.0, "shakespeare": 60.0, "lambada": 70.0}}))
         for j in jobs:  # the matched baselines' commands read SkipGPT's results: build them now
             if seen[j.name] is None:
@@ -237,6 +237,6 @@ def test_results_study_rows_and_table(tmp_path, monkeypatch, capsys):
     table = (tmp_path / "results.md").read_text()
     assert "piqa (acc_norm)" in table and "boolq (acc)" in table and "0.620 of its documents" in table
     row = next(line for line in table.splitlines() if line.startswith("| SkipGPT stage 1, 25% |"))
-    assert row.split(" | ")[5:7] == ["0.500", "0.600"] and "0.550 (100%)" in row and row.endswith("| 1.20x |")
+    assert row.split(" | ")[5:8] == ["50%", "0.500", "0.600"] and "0.550 (100%)" in row and row.endswith("| 1.20x |")
     assert experiments.quality_curves("skipgpt-0.25", "routed") == ["SkipGPT (trained for each sparsity)",
                                                                      "SkipGPT 25% routers, recalibrated"]
