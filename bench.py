@@ -486,16 +486,18 @@ def _costs(reg, variant, args, exec_attn, exec_mlp, read_attn, read_mlp, n_q, n_
     dense_wbytes = weight_bytes(dense_model.args, [1.0] * dense_model.args.n_layers,
                                 [1.0] * dense_model.args.n_layers, bpp, routers=False)
     wa, wm = module_params(args, kv)
-    executed = sum(wa * a + wm * b for a, b in zip(fa, fm)) + (block_params(args) - wa - wm) * L
-    gated = sum(wa * a + wm * b for a, b in zip(exec_attn, exec_mlp)) + (block_params(args) - wa - wm) * L
+    dense_params = block_params(dense_model.args) * dense_model.args.n_layers
+
+    def param_fraction(attn, mlp):  # block parameters run at these per-layer execution rates, / dense's
+        return (sum(wa * a + wm * b for a, b in zip(attn, mlp)) + (block_params(args) - wa - wm) * L) / dense_params
     # batch-1 decoding reads every weight for one token: bound by weight bytes; prefill and batched
     # decoding do enough arithmetic per weight to be bound by FLOPs
     decode_one = reg["kind"] == "decode" and B == 1
     kv_bytes = 2 * L * args.n_kv_heads * args.head_dim * (T + steps) * B * bpp
     return {"flops_per_token": flops, "flops_counted_per_token": counter.get_total_flops() / n_tok,
-            "executed_param_fraction": executed / (block_params(dense_model.args) * dense_model.args.n_layers),
+            "executed_param_fraction": param_fraction(fa, fm),
             # what the gates decided (the masked path decides alike, then runs everything anyway)
-            "gated_param_fraction": gated / (block_params(dense_model.args) * dense_model.args.n_layers),
+            "gated_param_fraction": param_fraction(exec_attn, exec_mlp),
             "weight_bytes_per_step": wbytes, "kv_cache_bytes": kv_bytes,
             "kv_bytes_needed": kv_bytes * (statistics.mean(exec_attn) if kv == "evict" and variant == "fast" else 1),
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,

@@ -103,7 +103,7 @@ def test_bench_with_trained_routers_times_held_out_text(tmp_path, capsys):
                for g, r in fast.items())  # the routers skip on this text, and the fast path runs less
     # the same routing, run in full: each row's sparsity comes from its own gates
     assert all(abs(masked[g]["sparsity"] - fast[g]["sparsity"]) < 0.02 for g in fast)
-    assert all(masked[g]["executed_param_fraction"] == 1 for g in fast)
+    assert all(masked[g]["executed_param_fraction"] == pytest.approx(1) for g in fast)
     assert out["checks"]["prefill64 fast vs masked max |logit diff|"] < 1e-4
 
 
