@@ -13,8 +13,9 @@ this shared machine hit all alike; the median is reported):
     shortgpt the same parameter sparsity by removing whole blocks (baselines.py): the static reference
     transformers  LlamaForCausalLM on the same weights (where installed): what one would use instead
     floor    batch-1 decode only: one pass of one-row products over all the weights, as the model
-             multiplies (model.linear), and as F.linear does (floor_flinear): the least any decoder
-             that multiplies that way spends per token
+             multiplies (model.linear: per matrix, the faster of F.linear and split_linear as timed on
+             this machine, model.choose_products), and with F.linear only (floor_flinear): the least
+             any decoder that multiplies that way spends per token
 Regimes: prefill of 128 and 512 tokens; decode of batch 1 after 128 and 512 tokens of context;
 decode of batch 8 after 128. "sparsity" is the share of block parameters skipped per token.
 Ideal speedups: prefill is FLOP-bound, so ideal = dense FLOPs / variant FLOPs; decode is bound by
@@ -40,7 +41,7 @@ from common import ensure_data, load_split, parse_bool, sync, val_windows
 from convert import ensure_default_model
 from errors import ArgumentParser, UserError, cli
 from lora import merge_lora
-from model import linear
+from model import FASTER_SPLIT, linear
 from router import RouterConfig, Routing, block_params, calibrate_offset, module_params, routing_stats
 
 
@@ -318,6 +319,9 @@ def main(argv=None):
     if a.compile == "true" and not compiled:
         raise UserError("torch.compile does not run here (see above); run with --compile false")
     kv = model.router_cfg.kv
+    split = [k for k, faster in FASTER_SPLIT.items() if faster and k[3]]
+    products = (f"one-row products: split_linear for {len(split)} of {sum(k[3] for k in FASTER_SPLIT)} matrix shapes"
+                if device == "cpu" else "products: F.linear")
     bpp = torch.finfo(dtype).bits // 8
     gen = torch.Generator().manual_seed(a.seed)
     hf = transformers_twin(model) if a.transformers else None
@@ -335,7 +339,7 @@ def main(argv=None):
     print(f"bench: {model.source.get('path')} | "
           f"{'trained routers ' + str(run_dir) + ' on held-out text' if trained else 'random routing on random ids'} | "
           f"{device} {str(dtype).replace('torch.', '')} | {torch.get_num_threads()} threads | "
-          f"decoding {'compiled' if compiled else 'eager'} | "
+          f"decoding {'compiled' if compiled else 'eager'} | {products} | "
           f"{a.repeats} repeats, median{' | transformers ' + sys.modules['transformers'].__version__ if hf else ''}",
           file=sys.stderr)
 
@@ -423,7 +427,7 @@ def main(argv=None):
         plot(results, a.plot)
         print(f"figure: {a.plot}", file=sys.stderr)
     summary = {"results": results, "checks": checks, "device": device, "dtype": str(dtype).replace("torch.", ""),
-               "compiled_decoding": compiled,
+               "compiled_decoding": compiled, "one_row_products_split": len(split),
                "threads": torch.get_num_threads(), "repeats": a.repeats, "routers": a.routers,
                "model": model.source.get("path")}
     for r in results:  # JSON has no NaN: an undefined efficiency (no ideal saving) becomes null

@@ -20,6 +20,7 @@ References:
 import copy
 import math
 import sys
+import time
 from collections import namedtuple
 from dataclasses import dataclass, fields
 
@@ -163,24 +164,63 @@ class KVCache(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Few-row products: batch-1 decoding reads every weight for 2 FLOPs each, so it runs at the speed
-# of memory. F.linear's matrix-vector product on a CPU streams the weights on one core (here ~10 GB/s,
-# and the 113 MB head at a third of the speed of the rest); the same matrix cut into blocks of rows
-# and multiplied as one batched product is spread over all cores (bench.py's decode floor: 2-3x).
+# Few-row products: batch-1 decoding reads every weight for 2 FLOPs each, so it runs at the speed of
+# memory, and how fast a CPU's BLAS streams a matrix for one row differs from machine to machine. On
+# some machines here torch's matrix-vector product used one core, and the same matrix cut into blocks
+# of rows and multiplied as one batched product (split_linear) ran 2-3x faster; on another (an Intel
+# Xeon) the plain product used both cores and the split one was 3-6x slower. So neither is hard-wired:
+# Transformer.fuse_weights (inference) times both, once per process, for each matrix that decoding
+# multiplies by (choose_products), and linear() takes the faster.
 
-FEW_ROWS = 8  # up to this many rows take the batched product (measured here: 1-11 rows gain, 12-15 lose)
+FEW_ROWS = 8           # products of up to this many rows are the ones measured
+FASTER_SPLIT = {}      # (out, in, dtype, one row?) -> whether split_linear was measured faster here
+
+
+def split_linear(x, weight):
+    """x (rows, in) @ weight (out, in).T as weight (c, out/c, in) @ x.T (c, in, rows), c = gcd(out, 8)
+    blocks of the weight's rows multiplied as one batched product: the same dot products as
+    F.linear (equal up to fp32 rounding), spread over the cores by the batched kernel."""
+    rows, n_in = x.numel() // x.shape[-1], x.shape[-1]
+    c = math.gcd(weight.shape[0], 8)
+    y = torch.bmm(weight.view(c, -1, n_in), x.reshape(rows, n_in).t().expand(c, n_in, rows))  # (c, out/c, rows)
+    return y.permute(2, 0, 1).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def linear(x, weight):
-    """x (..., in) @ weight (out, in).T -> (..., out), as F.linear, but a product of at most FEW_ROWS
-    rows on a CPU runs as weight (c, out/c, in) @ x.T (c, in, rows) with c = gcd(out, 8) blocks:
-    the same dot products, spread over the cores. Equal to F.linear up to fp32 rounding."""
-    rows, n_in = x.numel() // x.shape[-1], x.shape[-1]
-    c = math.gcd(weight.shape[0], 8)
-    if rows > FEW_ROWS or c == 1 or x.device.type != "cpu" or not weight.is_contiguous():
-        return F.linear(x, weight)
-    y = torch.bmm(weight.view(c, -1, n_in), x.reshape(rows, n_in).t().expand(c, n_in, rows))  # (c, out/c, rows)
-    return y.permute(2, 0, 1).reshape(*x.shape[:-1], weight.shape[0])
+    """x (..., in) @ weight (out, in).T -> (..., out): F.linear, or split_linear where that was
+    measured faster on this machine for this matrix and row count (choose_products)."""
+    rows = x.numel() // x.shape[-1]
+    if (rows <= FEW_ROWS and x.device.type == "cpu" and weight.is_contiguous()
+            and FASTER_SPLIT.get((*weight.shape, weight.dtype, rows == 1), False)):
+        return split_linear(x, weight)
+    return F.linear(x, weight)
+
+
+def _seconds(fn, *args):
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def choose_products(weights, repeats=5):
+    """For each CPU matrix shape not measured yet in this process: time F.linear and split_linear on
+    one row and on FEW_ROWS // 2 rows (interleaved, median of `repeats`) and record the faster in
+    FASTER_SPLIT. -> the number of shapes measured now."""
+    measured = 0
+    for w in weights:
+        if w.device.type != "cpu" or w.dim() != 2 or not w.is_contiguous() or math.gcd(w.shape[0], 8) == 1:
+            continue
+        for rows in (1, FEW_ROWS // 2):
+            key = (*w.shape, w.dtype, rows == 1)
+            if key in FASTER_SPLIT:
+                continue
+            x = torch.randn(rows, w.shape[1], dtype=w.dtype)
+            F.linear(x, w), split_linear(x, w)  # warm up
+            plain, split = zip(*[(_seconds(F.linear, x, w), _seconds(split_linear, x, w)) for _ in range(repeats)])
+            FASTER_SPLIT[key] = sorted(split)[repeats // 2] < sorted(plain)[repeats // 2]
+            measured += 1
+    return measured
 
 
 class Linear(nn.Linear):
@@ -191,6 +231,8 @@ class Linear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
+DECODE_GROUP = 10  # blocks per compiled graph in one-token forwards (measured here, dense / routed decode
+                   # tokens/s vs one block per graph: 5 blocks 1.10x / 1.05x, 10 blocks 1.17x / 1.13x, 15 1.12x / 1.17x)
 ATTN_CHUNK = 64  # queries per attention call on the fast path, one sequence on a CPU (Attention._attend_by_position)
 
 
@@ -403,9 +445,10 @@ class FeedForward(nn.Module):
 # The steps of a block. Decoding runs them n_layers times per token, each as ~15-30 small
 # operations whose fixed cost rivals the matmuls' (bench.py: dense decode / floor).
 # Transformer.compile_decoding() swaps in, for one-token forwards only, torch.compile'd versions
-# that fuse those operations (DecodeSteps); prefill and training stay as written.
+# that fuse those operations (DecodeSteps), several blocks per graph where it can (each call into
+# compiled code has a fixed cost too); prefill and training stay as written.
 
-DecodeSteps = namedtuple("DecodeSteps", "attention mlp router block routed sparse")
+DecodeSteps = namedtuple("DecodeSteps", "attention mlp router blocks routed_blocks sparse")
 
 def attention_step(block, x, xn, cos, sin, start_pos, key_keep=None, kv=None):
     """x (B, T, dim) + attention(xn): the residual stream after the attention sublayer.
@@ -436,9 +479,12 @@ def branch(pred, run, skip, operands):
     return run(*operands) if pred else skip(*operands)
 
 
-def block_step(block, x, cos, sin, start_pos):
-    """The plain (dense) block: attention then MLP. Compiled for one-token forwards, one graph per block."""
-    return mlp_step(block, attention_step(block, x, None, cos, sin, start_pos))
+def blocks_step(blocks, x, cos, sin, start_pos):
+    """Plain (dense) blocks one after the other, attention then MLP in each. Compiled for one-token
+    forwards: one graph for a group of up to DECODE_GROUP blocks (Transformer._decode_group)."""
+    for block in blocks:
+        x = mlp_step(block, attention_step(block, x, None, cos, sin, start_pos))
+    return x
 
 
 def routed_decode_step(block, x, cos, sin, start_pos, bias, offset, forced=None):
@@ -475,6 +521,17 @@ def routed_decode_step(block, x, cos, sin, start_pos, bias, offset, forced=None)
     return h + branch(gates[1].reshape(()) > 0.5, mlp, skip, (h,)).view_as(x), gates
 
 
+def routed_blocks_step(blocks, x, cos, sin, start_pos, biases, offset, forced):
+    """routed_decode_step through consecutive blocks, as one compiled graph for up to DECODE_GROUP of
+    them (Transformer._decode_group): fewer calls into compiled code per token. biases, forced: per
+    block (forced entries None under hard routing). -> (out (1, 1, dim), gates (len(blocks), 2, 1, 1))."""
+    gates = []
+    for block, bias, given in zip(blocks, biases, forced):
+        x, g = routed_decode_step(block, x, cos, sin, start_pos, bias, offset, given)
+        gates.append(g)
+    return x, torch.stack(gates)
+
+
 def sparse_decode_step(block, x, xn, kv, attn_rows, mlp_rows, cos, sin, start_pos):
     """Several sequences decoding one token each through a routed block under "keep", the rows that
     execute each sublayer known (TransformerBlock.forward_fast: one host sync per block sizes them):
@@ -502,7 +559,7 @@ def sparse_decode_step(block, x, xn, kv, attn_rows, mlp_rows, cos, sin, start_po
     return out.view(B, 1, D)
 
 
-EAGER_STEPS = DecodeSteps(attention_step, mlp_step, router_step, block_step, routed_decode_step, sparse_decode_step)
+EAGER_STEPS = DecodeSteps(attention_step, mlp_step, router_step, blocks_step, routed_blocks_step, sparse_decode_step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,7 +586,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x, cos, sin, start_pos=0, routing: Routing | None = None):
         """x (B, T, dim) -> (out (B, T, dim), gates (2, B, T) [attention, MLP] or None when not routed)."""
         if routing is None or self.attention_router is None:  # the plain Llama block
-            return self._steps(x.shape[1]).block(self, x, cos, sin, start_pos), None
+            return self._steps(x.shape[1]).blocks((self,), x, cos, sin, start_pos), None
         g_attn = self._gate(self.attention_router, x, routing, 0, start_pos)              # (B, T)
         key_keep = (g_attn > 0.5) if self.router_cfg.kv == "evict" else None
         h = x + g_attn[..., None].to(x.dtype) * self.attention(self.attention_norm(x), cos, sin, start_pos, key_keep)
@@ -551,7 +608,9 @@ class TransformerBlock(nn.Module):
         if B * T == 1 and self._routed_decode_ok(x, routing, start_pos):  # compiled batch-1 decoding: one graph
             # (mode "force": the given decisions, which gate_pair reads by position; the logits are not needed)
             forced = None if routing.mode == "hard" else routing.gate_pair(x, self.layer_id, start_pos)
-            return self.decode_steps.routed(self, x, cos, sin, start_pos, self.router_fold[0], routing.offset, forced)
+            out, gates = self.decode_steps.routed_blocks((self,), x, cos, sin, start_pos, (self.router_fold[0],),
+                                                         routing.offset, (forced,))
+            return out, gates[0]
         kv = None
         if self.router_cfg.mlp_input == "block":  # decided from x: both known before attention runs
             gates, kv, xn = self._gate_pair(x, routing, start_pos)                 # (2, B, T)
@@ -716,6 +775,8 @@ class Transformer(nn.Module):
         And [w1; w3]. The layers keep their weights as views into these matrices (no extra memory, the
         same state dict). Training never uses them (train mode); adding LoRA drops them (lora.add_lora),
         so does moving, casting or reloading the model, and a router changed in place is not folded.
+        On a CPU it also times the two few-row products for each matrix decoding multiplies by, once
+        per process (choose_products: well under a second for SmolLM2-135M).
         Call it last: after moving the model to its device and dtype and merging any LoRA."""
         if any(getattr(m, "lora_A", None) is not None and not m.merged for m in self.modules()):
             raise UserError("merge the LoRA adapters before fusing the weights (lora.merge_lora)")
@@ -738,7 +799,20 @@ class Transformer(nn.Module):
             ffn.fused = fuse_linears(ffn.w1, ffn.w3)
             ffn.w1.fused_view = ffn.w3.fused_view = True
         self._fused_key = self._weights_key()
+        choose_products(self._decode_matrices())
         return self
+
+    def _decode_matrices(self):
+        """Every matrix (or fused slice) a decoding step may multiply one or a few rows by."""
+        mats = [self.output.weight]
+        for layer in self.layers:
+            att, ffn = layer.attention, layer.feed_forward
+            if isinstance(att, Attention) and att.fused is not None:
+                r, kv = att.router_rows, 2 * att.n_kv_heads * att.head_dim
+                f = att.fused  # rows: router, k, v, q; Attention.project and the routed steps take these slices
+                mats += [f, f[:r + kv], f[r:], f[r:r + kv], f[r + kv:]] + ([f[:r]] if r else []) + [att.wo.weight]
+            mats += [ffn.fused if ffn.fused is not None else ffn.w1.weight, ffn.w2.weight]
+        return mats
 
     def drop_fused(self):
         """Back to running every layer on its own (the layers' weights stay what they are)."""
@@ -751,10 +825,12 @@ class Transformer(nn.Module):
     def compile_decoding(self):
         """torch.compile the DecodeSteps of every block for one-token forwards (decoding, batch 1 or
         several sequences), for inference: the small operations of a step become a few fused kernels.
-        A dense block is one graph; a routed block in batch-1 decoding too (routed_decode_step, its
-        sublayers real branches); with several sequences, the router step, one host sync, then the
-        executing rows of both sublayers in one graph (sparse_decode_step). Prefill and training stay
-        eager. The first decoded tokens pay the compilation (~10-60 s on a CPU, once per process).
+        Up to DECODE_GROUP consecutive dense blocks are one graph (blocks_step); so are routed blocks
+        in batch-1 decoding (routed_blocks_step, each block's sublayers real branches): a few calls
+        into compiled code per token instead of one per block. With several routed sequences, per
+        block, the router step, one host sync, then the executing rows of both sublayers in one graph
+        (sparse_decode_step). Prefill and training stay eager. The first decoded tokens pay the
+        compilation (~20-90 s on a CPU, once per process; inductor caches compiled kernels on disk).
         -> whether it compiled: False, with the reason printed, where torch.compile cannot run here
         (no C++ compiler, say)."""
         try:
@@ -833,19 +909,52 @@ class Transformer(nn.Module):
         cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
         routed = routing is not None and self.router_cfg is not None
         h = self.tok_embeddings(tokens)                               # (B, T, dim)
-        gates = []
-        for layer in self.layers:
+        gates, i = [], 0
+        while i < len(self.layers):
+            group = self._decode_group(i, h, routing if routed else None, start_pos)
+            if group:  # compiled decoding: several blocks in one graph
+                steps = group[0].decode_steps
+                if routed:
+                    forced = tuple(None if routing.mode == "hard" else routing.gate_pair(h, layer.layer_id, start_pos)
+                                   for layer in group)
+                    h, g = steps.routed_blocks(group, h, cos, sin, start_pos, tuple(layer.router_fold[0] for layer in group),
+                                               routing.offset, forced)
+                    gates += list(g)
+                else:
+                    h = steps.blocks(group, h, cos, sin, start_pos)
+                i += len(group)
+                continue
+            layer = self.layers[i]
             if routed and routing.fast:
                 h, g = layer.forward_fast(h, cos, sin, start_pos, routing)
             else:
                 h, g = layer(h, cos, sin, start_pos, routing if routed else None)
             gates.append(g)
+            i += 1
         gates = torch.stack(gates) if routed else None                 # (L, 2, B, T)
         logits = self.output(self.norm(h))
         if targets is None:
             return logits, None, gates
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss, gates
+
+    def _decode_group(self, i, x, routing, start_pos):
+        """Blocks i.. that one compiled graph runs in a one-token forward: up to DECODE_GROUP consecutive
+        plain blocks (no routing), or, in batch-1 decoding, routed blocks that take routed_decode_step;
+        () where block i takes its own path (not compiled, masked routing, a protected block, several
+        routed sequences)."""
+        if x.shape[1] != 1 or self.layers[i].decode_steps is None:
+            return ()
+        if routing is None:
+            return tuple(self.layers[i:i + DECODE_GROUP])
+        if x.shape[0] != 1:
+            return ()
+        group = []
+        for layer in self.layers[i:i + DECODE_GROUP]:
+            if not (routing.fast and layer.attention_router is not None and layer._routed_decode_ok(x, routing, start_pos)):
+                break
+            group.append(layer)
+        return tuple(group)
 
     # --- generation ------------------------------------------------------------------------------
     @torch.no_grad()

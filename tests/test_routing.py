@@ -348,8 +348,8 @@ def test_fast_path_gives_the_masked_paths_lora_gradients():
 def test_compiled_decoding_equals_eager(kv):
     """compile_decoding (torch.compile'd steps for one-token forwards) decodes as the eager model
     does: dense and routed fast decoding (with skips of both sublayers), batch 1 and 2, hard and
-    given decisions; batch-1 routed decoding compiled is one graph per block with real branches
-    (routed_decode_step), eager the sublayer-by-sublayer reference (_decode_one); with several
+    given decisions; batch-1 decoding compiled runs groups of blocks as one graph each (routed: real
+    branches, routed_decode_step), eager routed the sublayer-by-sublayer reference (_decode_one); with several
     sequences, compiled, the executing rows run in one graph (sparse_decode_step), eager the
     gather/scatter reference (Attention.forward_sparse)."""
     model = decisive_routers(routed_model(seed=3, kv=kv)).fuse_weights()
@@ -377,8 +377,8 @@ def test_compiled_decoding_equals_eager(kv):
         assert model.compile_decoding()
         calls = []
 
-        def counted(step):
-            return lambda *args: calls.append(step) or step(*args)
+        def counted(step):  # records the step and, for the block groups, how many blocks one call ran
+            return lambda *args: calls.append((step, len(args[0]) if isinstance(args[0], tuple) else 0)) or step(*args)
         steps = model.layers[0].decode_steps  # DecodeSteps: attention, MLP, router, dense block, routed block, sparse rows
         for layer in model.layers:
             layer.decode_steps = type(steps)(*(counted(step) for step in layer.decode_steps))
@@ -386,8 +386,13 @@ def test_compiled_decoding_equals_eager(kv):
     assert len(calls) > 8 * len(model.layers)  # the compiled steps ran (one-token forwards only) ...
     # ... the ones each K/V rule should take: under "keep", routed decoding is the one-graph routed
     # block (batch 1) or the rows step (several sequences); under evict, the sublayers' steps one by one
-    want = {"block", "router"} | ({"routed", "sparse"} if kv == "keep" else {"attention", "mlp"})
-    assert {id(c) for c in calls} == {id(getattr(steps, name)) for name in want}
+    want = {"blocks", "router"} | ({"routed_blocks", "sparse"} if kv == "keep" else {"attention", "mlp"})
+    assert {id(c) for c, _ in calls} == {id(getattr(steps, name)) for name in want}
+    # batch-1 decoding runs every block of the model in one call (fewer than DECODE_GROUP blocks here)
+    group_calls = {name: [n for c, n in calls if c is getattr(steps, name)] for name in ("blocks", "routed_blocks")}
+    assert max(group_calls["blocks"]) == len(model.layers)
+    if kv == "keep":
+        assert max(group_calls["routed_blocks"]) == len(model.layers)
     for (a, ga), (b, gb) in zip(eager, compiled):
         assert (a - b).abs().max() < 1e-4
         assert all(g1 is None and g2 is None or torch.equal(g1, g2) for g1, g2 in zip(ga, gb))
@@ -399,26 +404,49 @@ def test_compiled_decoding_equals_eager(kv):
 
 @pytest.mark.parametrize("shape", [(1, 1, 24), (2, 1, 24), (1, 8, 24), (9, 24), (3, 4, 24)])
 @pytest.mark.parametrize("out", [96, 12, 7])
-def test_few_row_product_equals_f_linear(shape, out):
-    """model.linear (the batched product decoding uses for up to FEW_ROWS rows, in gcd(out, 8) blocks of
-    the weight's rows) gives F.linear's result and gradients, for any row count and output size."""
+@pytest.mark.parametrize("split_faster", [True, False])
+def test_few_row_product_equals_f_linear(shape, out, split_faster, monkeypatch):
+    """model.linear gives F.linear's result and gradients for any row count and output size, and takes
+    the batched product over blocks of the weight's rows (split_linear) exactly where it was recorded
+    faster for that matrix and row count (choose_products), for at most FEW_ROWS rows."""
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
+    import model as model_module
     from model import FEW_ROWS, linear
     torch.manual_seed(0)
     w = torch.randn(out, 24, requires_grad=True)
     x = torch.randn(*shape, requires_grad=True)
+    rows = math.prod(shape[:-1])
+    monkeypatch.setattr(model_module, "FASTER_SPLIT", {(out, 24, w.dtype, rows == 1): split_faster})
     with FlopCounterMode(display=False) as counter:
         y = linear(x, w)
     ref = F.linear(x, w)
     assert y.shape == ref.shape and (y - ref).abs().max() < 1e-5
     batched = torch.ops.aten.bmm in counter.get_flop_counts()["Global"]
-    assert batched == (math.prod(shape[:-1]) <= FEW_ROWS and math.gcd(out, 8) > 1)  # the path it should take
+    assert batched == (split_faster and rows <= FEW_ROWS)  # the path it should take
     g = torch.randn_like(ref)
     grads = torch.autograd.grad(y, (x, w), g)
     grads_ref = torch.autograd.grad(ref, (x, w), g)
     assert all((a - b).abs().max() < 1e-4 for a, b in zip(grads, grads_ref))
+
+
+def test_fuse_weights_measures_each_decoding_product_once(monkeypatch):
+    """fuse_weights times both one-row products for every matrix decoding multiplies by (one row and a
+    few rows; the head's 101 rows do not split into blocks), records which is faster, and a second model of the same shapes measures nothing new."""
+    import model as model_module
+    monkeypatch.setattr(model_module, "FASTER_SPLIT", {})
+    model = routed_model().fuse_weights()
+    a = model.args
+    nkv, nq = 2 * a.n_kv_heads * a.head_dim, a.n_heads * a.head_dim
+    shapes = {(4 + nkv + nq, a.dim), (4 + nkv, a.dim), (nkv + nq, a.dim), (nkv, a.dim),
+              (nq, a.dim), (4, a.dim), (a.dim, nq), (2 * a.hidden_dim, a.dim), (a.dim, a.hidden_dim)}
+    assert set(model_module.FASTER_SPLIT) == {(*s, torch.float32, one) for s in shapes for one in (True, False)}
+    assert all(isinstance(v, bool) for v in model_module.FASTER_SPLIT.values())
+    timed = []
+    monkeypatch.setattr(model_module, "_seconds", lambda *args: timed.append(args) or 0.0)
+    routed_model(seed=1).fuse_weights()
+    assert timed == []
 
 
 @pytest.mark.parametrize("kv", ["keep", "evict"])
