@@ -939,16 +939,14 @@ class Transformer(nn.Module):
         return logits, loss, gates
 
     def _decode_group(self, i, x, routing, start_pos):
-        """Blocks i.. that one compiled graph runs in a one-token forward: up to DECODE_GROUP consecutive
-        plain blocks (no routing), or, in batch-1 decoding, routed blocks that take routed_decode_step;
-        () where block i takes its own path (not compiled, masked routing, a protected block, several
-        routed sequences)."""
-        if x.shape[1] != 1 or self.layers[i].decode_steps is None:
+        """Blocks i.. that one compiled graph runs in a batch-1 one-token forward: up to DECODE_GROUP
+        consecutive plain blocks (no routing) or routed blocks that take routed_decode_step; () where
+        block i takes its own path (not compiled, masked routing, a protected block, several sequences:
+        each batch size and group length is a compilation of its own, ~20-60 s here)."""
+        if x.shape[0] * x.shape[1] != 1 or self.layers[i].decode_steps is None:
             return ()
         if routing is None:
             return tuple(self.layers[i:i + DECODE_GROUP])
-        if x.shape[0] != 1:
-            return ()
         group = []
         for layer in self.layers[i:i + DECODE_GROUP]:
             if not (routing.fast and layer.attention_router is not None and layer._routed_decode_ok(x, routing, start_pos)):
