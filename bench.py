@@ -104,16 +104,18 @@ def run_prefill(model, tokens, routing_fn):
 
 
 @torch.no_grad()
-def prefill_context(model, context, steps, routing_fn):
-    """Prefill the context once, untimed -> (the layers' KV caches, sized for `steps` more tokens,
-    and the first token to decode). Every repetition of a decode measurement starts from them: a
-    repetition writes the same cache slots (C .. C+steps-1) and reads only what it wrote or the
-    context, so reusing the prefill changes no result, and saves re-running it each time."""
+def prefill_context(model, context, steps, routing_fn, cache_len=None):
+    """Prefill the context once, untimed -> (the layers' KV caches, sized for `steps` more tokens or
+    cache_len, the first token to decode, the context length C). Every repetition of a decode
+    measurement starts from them: a repetition writes the same cache slots (C .. C+steps-1) and
+    reads only what it wrote or the context, so reusing the prefill changes no result, and saves
+    re-running it each time. (bench sizes every batch-1 cache alike, cache_len: the compiled decoding
+    graphs, specialized to the cache's shape, then serve every context length without recompiling.)"""
     B, C = context.shape
-    model.setup_cache(B, C + steps)
+    model.setup_cache(B, max(C + steps, cache_len or 0))
     try:
         logits, _, _ = model(context, routing=routing_fn())
-        return [layer.attention.cache for layer in model.layers], logits[:, -1:].argmax(-1)
+        return [layer.attention.cache for layer in model.layers], logits[:, -1:].argmax(-1), C
     finally:
         model.clear_cache()
 
@@ -121,8 +123,7 @@ def prefill_context(model, context, steps, routing_fn):
 @torch.no_grad()
 def run_decode(model, prefilled, steps, routing_fn, device):
     """`steps` one-token forwards after a prefilled context (prefill_context) -> seconds."""
-    caches, nxt = prefilled
-    C = caches[0].k.shape[2] - steps
+    caches, nxt, C = prefilled
     for layer, cache in zip(model.layers, caches):
         layer.attention.cache = cache
     try:
@@ -344,6 +345,11 @@ def main(argv=None):
           file=sys.stderr)
 
     results, checks = [], {}
+    # decode caches: one length per batch size, the longest its regimes need (see prefill_context)
+    cache_len = {}
+    for r in regimes:
+        if r["kind"] == "decode":
+            cache_len[r["batch"]] = max(cache_len.get(r["batch"], 0), r["length"] + a.decode_steps)
     for reg in regimes:
         B, T = reg["batch"], reg["length"]
         steps = a.decode_steps if reg["kind"] == "decode" else 0
@@ -382,7 +388,7 @@ def main(argv=None):
                 if m == "hf":
                     prefilled[name] = prefill_hf_context(hf, tokens)
                 elif not isinstance(m, str):
-                    prefilled[name] = prefill_context(m, tokens, steps, routing_fn)
+                    prefilled[name] = prefill_context(m, tokens, steps, routing_fn, cache_len.get(B))
         for rep in range(a.repeats + 1):  # repetition 0 warms up
             for name in names[rep % len(names):] + names[:rep % len(names)]:
                 m, routing_fn, _ = variants[name]
@@ -449,7 +455,7 @@ def measure_costs(reg, name, m, routing_fn, tokens, steps, device, bpp, kv, dens
             gates.append(g.float().flatten(2)[..., None])
         n_tok, n_q, n_k = B * T, T, T
     else:  # every decode step after the context, averaged (the decisions differ from step to step)
-        caches, nxt = prefilled or prefill_context(m, tokens, steps, routing_fn)
+        caches, nxt, _ = prefilled or prefill_context(m, tokens, steps, routing_fn)
         for layer, cache in zip(m.layers, caches):
             layer.attention.cache = cache
         try:  # (eager: a FLOP counter sees the compiled graphs' torch.cond branches both; eager runs only one)

@@ -107,10 +107,12 @@ def test_bench_with_trained_routers_times_held_out_text(tmp_path, capsys):
     assert out["checks"]["prefill64 fast vs masked max |logit diff|"] < 1e-4
 
 
-def test_decode_repetitions_reuse_one_prefill_without_changing_it():
+@pytest.mark.parametrize("spare", [0, 10])
+def test_decode_repetitions_reuse_one_prefill_without_changing_it(spare):
     """Each repetition of a decode measurement starts from the same prefilled cache: after any number
     of repetitions the cache holds exactly what one fresh prefill + decode leaves (K, V and, under
-    evict, which slots may be attended to), so every repetition times the same work."""
+    evict, which slots may be attended to), so every repetition times the same work; a cache longer
+    than needed (bench sizes every batch-1 cache alike) changes nothing either."""
     import torch
     from router import RouterConfig, Routing
     from tiny import tiny_model
@@ -120,8 +122,10 @@ def test_decode_repetitions_reuse_one_prefill_without_changing_it():
     force = bench.random_decisions(model.args, 0.4, 2, 20 + steps, gen)
     routing = lambda: Routing(mode="force", force=force, fast=True)  # noqa: E731
 
-    def state(caches):
-        return [torch.cat([c.k.flatten(), c.v.flatten(), c.keep.float().flatten()]) for c in caches]
+    def state(caches):  # the slots the decoding uses
+        n = 20 + steps
+        return [torch.cat([c.k[:, :, :n].flatten(), c.v[:, :, :n].flatten(), c.keep[:, :n].float().flatten()])
+                for c in caches]
     with torch.no_grad():  # the reference: the model's own cached decoding, once, from scratch
         model.setup_cache(2, 20 + steps)
         nxt = model(context, routing=routing())[0][:, -1:].argmax(-1)
@@ -130,7 +134,8 @@ def test_decode_repetitions_reuse_one_prefill_without_changing_it():
         caches = [layer.attention.cache for layer in model.layers]
         expected = state(caches)
         model.clear_cache()
-    reused = bench.prefill_context(model, context, steps, routing)
+    reused = bench.prefill_context(model, context, steps, routing, cache_len=20 + steps + spare)
+    assert reused[0][0].k.shape[2] == 20 + steps + spare
     for _ in range(3):
         bench.run_decode(model, reused, steps, routing, "cpu")
     assert any(c.k[:, :, -1].abs().sum() > 0 for c in caches)  # the decode reached the last slot
