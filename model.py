@@ -776,7 +776,7 @@ class Transformer(nn.Module):
         same state dict). Training never uses them (train mode); adding LoRA drops them (lora.add_lora),
         so does moving, casting or reloading the model, and a router changed in place is not folded.
         On a CPU it also times the two few-row products for each matrix decoding multiplies by, once
-        per process (choose_products: well under a second for SmolLM2-135M).
+        per process (choose_products: 0.6 s for SmolLM2-135M here, 2.7 s with other work beside it).
         Call it last: after moving the model to its device and dtype and merging any LoRA."""
         if any(getattr(m, "lora_A", None) is not None and not m.merged for m in self.modules()):
             raise UserError("merge the LoRA adapters before fusing the weights (lora.merge_lora)")
