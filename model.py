@@ -602,15 +602,11 @@ class TransformerBlock(nn.Module):
         added back into those rows of the residual stream. When the MLP router reads the block input,
         both decisions of the block are known before it runs: they come from one matmul (with the
         K/V projection of every token, under "keep", when the routers are fused) and reach the host
-        in one sync (the counts), which also sizes every gather: no further sync.
+        in one sync (the counts), which also sizes every gather: no further sync. (Compiled batch-1
+        decoding through blocks that allow it does not come here: Transformer.forward runs them in
+        groups, routed_blocks_step.)
         """
         B, T, D = x.shape
-        if B * T == 1 and self._routed_decode_ok(x, routing, start_pos):  # compiled batch-1 decoding: one graph
-            # (mode "force": the given decisions, which gate_pair reads by position; the logits are not needed)
-            forced = None if routing.mode == "hard" else routing.gate_pair(x, self.layer_id, start_pos)
-            out, gates = self.decode_steps.routed_blocks((self,), x, cos, sin, start_pos, (self.router_fold[0],),
-                                                         routing.offset, (forced,))
-            return out, gates[0]
         kv = None
         if self.router_cfg.mlp_input == "block":  # decided from x: both known before attention runs
             gates, kv, xn = self._gate_pair(x, routing, start_pos)                 # (2, B, T)
@@ -700,7 +696,8 @@ class TransformerBlock(nn.Module):
                 and not torch.is_autocast_enabled(x.device.type) and unchanged(self.router_fold[1]))
 
     def _routed_decode_ok(self, x, routing, start_pos):
-        """Whether a one-token forward can take the compiled routed_decode_step: compiled decoding, a
+        """Whether a one-token forward can take the compiled routed_decode_step (in a group of blocks,
+        Transformer._decode_group): compiled decoding, a
         KV cache, "keep", the routers folded (linear, reading the block input, not a protected
         block), deterministic or given decisions, past the protected first tokens."""
         return (self.decode_steps is not None and self.attention.cache is not None and self.router_cfg.kv == "keep"
@@ -914,7 +911,7 @@ class Transformer(nn.Module):
             group = self._decode_group(i, h, routing if routed else None, start_pos)
             if group:  # compiled decoding: several blocks in one graph
                 steps = group[0].decode_steps
-                if routed:
+                if routed:  # (mode "force": the given decisions, read by position; no logits needed)
                     forced = tuple(None if routing.mode == "hard" else routing.gate_pair(h, layer.layer_id, start_pos)
                                    for layer in group)
                     h, g = steps.routed_blocks(group, h, cos, sin, start_pos, tuple(layer.router_fold[0] for layer in group),

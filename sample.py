@@ -44,7 +44,7 @@ def parse_args(argv=None):
                    help="route the way training does (every sublayer runs, skipped outputs x 0) instead of really skipping")
     p.add_argument("--no_cache", action="store_true", help="recompute the whole prefix every step (slow reference)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoding steps: faster tokens after ~10-60 s of compiling (Transformer.compile_decoding)")
+                   help="torch.compile the decoding steps: faster tokens after ~20-90 s of compiling (Transformer.compile_decoding)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     return p.parse_args(argv)

@@ -379,13 +379,13 @@ def test_compiled_decoding_equals_eager(kv):
 
         def counted(step):  # records the step and, for the block groups, how many blocks one call ran
             return lambda *args: calls.append((step, len(args[0]) if isinstance(args[0], tuple) else 0)) or step(*args)
-        steps = model.layers[0].decode_steps  # DecodeSteps: attention, MLP, router, dense block, routed block, sparse rows
+        steps = model.layers[0].decode_steps  # DecodeSteps: attention, MLP, router, dense blocks, routed blocks, sparse rows
         for layer in model.layers:
             layer.decode_steps = type(steps)(*(counted(step) for step in layer.decode_steps))
         compiled = [decode(r, B) for r, B in runs]
     assert len(calls) > 8 * len(model.layers)  # the compiled steps ran (one-token forwards only) ...
-    # ... the ones each K/V rule should take: under "keep", routed decoding is the one-graph routed
-    # block (batch 1) or the rows step (several sequences); under evict, the sublayers' steps one by one
+    # ... the ones each K/V rule should take: under "keep", routed decoding is the group of routed
+    # blocks (batch 1) or the rows step (several sequences); under evict, the sublayers' steps one by one
     want = {"blocks", "router"} | ({"routed_blocks", "sparse"} if kv == "keep" else {"attention", "mlp"})
     assert {id(c) for c, _ in calls} == {id(getattr(steps, name)) for name in want}
     # batch-1 decoding runs every block of the model in one call (fewer than DECODE_GROUP blocks here)
@@ -433,7 +433,8 @@ def test_few_row_product_equals_f_linear(shape, out, split_faster, monkeypatch):
 
 def test_fuse_weights_measures_each_decoding_product_once(monkeypatch):
     """fuse_weights times both one-row products for every matrix decoding multiplies by (one row and a
-    few rows; the head's 101 rows do not split into blocks), records which is faster, and a second model of the same shapes measures nothing new."""
+    few rows; the head's 101 rows do not split into blocks), records which is faster, and a second
+    model of the same shapes measures nothing new."""
     import model as model_module
     monkeypatch.setattr(model_module, "FASTER_SPLIT", {})
     model = routed_model().fuse_weights()
