@@ -6,7 +6,8 @@
     python bench.py --quick                          # a fast smoke run (small shapes, 2 repeats)
 
 Variants, timed interleaved (each repetition runs every variant once, in rotating order, so drifts of
-this shared machine hit all alike; the median is reported):
+this shared machine hit all alike; the median is reported; prefill 128 repeats 4x as often, so that
+every prefill median spans as many tokens as prefill 512's):
     dense    the plain model
     masked   routing the way training does it: every sublayer runs, skipped outputs are x 0 (saves nothing)
     fast     only executing rows run each sublayer (model.py forward_fast): the real saving
@@ -16,8 +17,8 @@ this shared machine hit all alike; the median is reported):
              multiplies (model.linear: per matrix, the faster of F.linear and split_linear as timed on
              this machine, model.choose_products), and with F.linear only (floor_flinear): the least
              any decoder that multiplies that way spends per token
-Regimes: prefill of 128 and 512 tokens; decode of batch 1 after 128 and 512 tokens of context;
-decode of batch 8 after 128. "sparsity" is the share of block parameters skipped per token.
+Regimes: prefill of 128 and 512 tokens; decode of batch 1 after 128 and 512 tokens of context (32
+tokens per measurement); decode of batch 8 after 128 (16 steps of 8 tokens per measurement). "sparsity" is the share of block parameters skipped per token.
 Ideal speedups: prefill is FLOP-bound, so ideal = dense FLOPs / variant FLOPs; decode is bound by
 reading weights, so ideal = dense weight bytes / variant weight bytes per step (a module's weights
 are read if any sequence of the batch executes it). efficiency = the share of the ideal time
@@ -172,7 +173,10 @@ def parse(argv=None):
                    help=f"parameter sparsities to measure (default: {DEFAULT_SPARSITIES} with random routing; "
                         f"with --routers, the routers' own offset on held-out text)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per variant (median reported)")
-    p.add_argument("--decode_steps", type=int, default=32, help="decoded tokens per decode measurement")
+    p.add_argument("--decode_steps", type=int, default=32, help="decoded tokens per batch-1 decode measurement")
+    p.add_argument("--batched_decode_steps", type=int, default=16,
+                   help="decoded steps per measurement with several sequences (each step decodes one token of "
+                        "every sequence: 16 steps x 8 sequences are 128 tokens)")
     p.add_argument("--regimes", default="prefill128,prefill512,decode128,decode512,decode128x8",
                    help="comma list of prefillT, decodeC (batch 1) and decodeCxB")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
@@ -188,10 +192,31 @@ def parse(argv=None):
                    help="also time transformers' LlamaForCausalLM on the same weights, where it is installed (default: true)")
     a = p.parse_args(argv)
     if a.quick:
-        a.repeats, a.decode_steps, a.regimes = 2, 4, "prefill64,decode64,decode32x4"
+        a.repeats, a.decode_steps, a.batched_decode_steps, a.regimes = 2, 4, 4, "prefill64,decode64,decode32x4"
     if a.repeats < 1:
         raise UserError("--repeats must be >= 1")
+    if a.decode_steps < 1 or a.batched_decode_steps < 1:
+        raise UserError("--decode_steps and --batched_decode_steps must be >= 1")
     return a
+
+
+def decode_steps(reg, a):
+    """Decoded steps per measurement of a regime: 0 for prefill."""
+    if reg["kind"] != "decode":
+        return 0
+    return a.decode_steps if reg["batch"] == 1 else a.batched_decode_steps
+
+
+PREFILL_TOKENS_PER_MEDIAN = 512  # prefill: a short regime repeats more (one forward of 128 tokens is ~0.3 s here)
+
+
+def repeats_for(reg, a):
+    """Timed repetitions of a regime: --repeats, and for a short prefill as many more as make every
+    variant's median span PREFILL_TOKENS_PER_MEDIAN tokens per repeat asked (prefill 128: 4x), so its
+    figures are no noisier than prefill 512's."""
+    if reg["kind"] != "prefill":
+        return a.repeats
+    return a.repeats * max(1, PREFILL_TOKENS_PER_MEDIAN // (reg["batch"] * reg["length"]))
 
 
 def parse_regime(name):
@@ -299,6 +324,7 @@ def held_out_text(run_dir, model, n, length):
 
 
 def main(argv=None):
+    started = time.perf_counter()
     a = parse(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -328,7 +354,7 @@ def main(argv=None):
     hf = transformers_twin(model) if a.transformers else None
     floor_mats = decode_weights(model)
     # trained routers: held-out text at their own offset (or offsets calibrated on that text); random: ids
-    longest = max(r["length"] + (a.decode_steps if r["kind"] == "decode" else 0) for r in regimes)
+    longest = max(r["length"] + decode_steps(r, a) for r in regimes)
     run_dir = a.routers or a.model
     text = held_out_text(run_dir, model, max(r["batch"] for r in regimes), longest).to(device) if trained else None
     if trained and a.sparsities is None:
@@ -341,7 +367,7 @@ def main(argv=None):
           f"{'trained routers ' + str(run_dir) + ' on held-out text' if trained else 'random routing on random ids'} | "
           f"{device} {str(dtype).replace('torch.', '')} | {torch.get_num_threads()} threads | "
           f"decoding {'compiled' if compiled else 'eager'} | {products} | "
-          f"{a.repeats} repeats, median{' | transformers ' + sys.modules['transformers'].__version__ if hf else ''}",
+          f"{a.repeats} repeats (short prefills more), median{' | transformers ' + sys.modules['transformers'].__version__ if hf else ''}",
           file=sys.stderr)
 
     results, checks = [], {}
@@ -349,10 +375,11 @@ def main(argv=None):
     cache_len = {}
     for r in regimes:
         if r["kind"] == "decode":
-            cache_len[r["batch"]] = max(cache_len.get(r["batch"], 0), r["length"] + a.decode_steps)
+            cache_len[r["batch"]] = max(cache_len.get(r["batch"], 0), r["length"] + decode_steps(r, a))
     for reg in regimes:
+        regime_start = time.perf_counter()
         B, T = reg["batch"], reg["length"]
-        steps = a.decode_steps if reg["kind"] == "decode" else 0
+        steps = decode_steps(reg, a)
         tokens = (text[:B, :T] if trained else torch.randint(0, args.vocab_size, (B, T), generator=gen)).to(device)
         # variants: name -> (what runs, routing factory, sparsity); what runs: our model, "hf" or "floor"
         variants = {"dense": (model, lambda: None, 0.0)}
@@ -389,7 +416,8 @@ def main(argv=None):
                     prefilled[name] = prefill_hf_context(hf, tokens)
                 elif not isinstance(m, str):
                     prefilled[name] = prefill_context(m, tokens, steps, routing_fn, cache_len.get(B))
-        for rep in range(a.repeats + 1):  # repetition 0 warms up
+        timing_start = time.perf_counter()
+        for rep in range(repeats_for(reg, a) + 1):  # repetition 0 warms up
             for name in names[rep % len(names):] + names[:rep % len(names)]:
                 m, routing_fn, _ = variants[name]
                 if m in ("floor", "floor_flinear"):
@@ -405,6 +433,10 @@ def main(argv=None):
                           else run_decode(m, prefilled[name], steps, routing_fn, device))
                 if rep > 0:
                     times[name].append(dt)
+            if rep == 0:
+                warm = time.perf_counter()
+        timed = time.perf_counter() - warm
+        warm -= timing_start
         n_tok = B * T if reg["kind"] == "prefill" else B * steps
         t_dense = statistics.median(times["dense"]) / n_tok
         for name, (m, routing_fn, s) in variants.items():
@@ -426,6 +458,8 @@ def main(argv=None):
             checks[f"{reg['name']} F.linear floor / floor"] = (statistics.median(times["floor_flinear"])
                                                               / statistics.median(times["floor"]))
         print_table([r for r in results if r["regime"] == reg["name"]])
+        print(f"{reg['name']}: {time.perf_counter() - regime_start:.0f} s (warm-up {warm:.0f} s, timed repeats "
+              f"{timed:.0f} s)", file=sys.stderr)
 
     for name, value in checks.items():
         print(f"{name}: {value:.4g}", file=sys.stderr)
@@ -435,9 +469,10 @@ def main(argv=None):
     summary = {"results": results, "checks": checks, "device": device, "dtype": str(dtype).replace("torch.", ""),
                "compiled_decoding": compiled, "one_row_products_split": len(split),
                "threads": torch.get_num_threads(), "repeats": a.repeats, "routers": a.routers,
-               "model": model.source.get("path")}
+               "model": model.source.get("path"), "seconds": round(time.perf_counter() - started, 1)}
     for r in results:  # JSON has no NaN: an undefined efficiency (no ideal saving) becomes null
         r.update({k: None for k, v in r.items() if isinstance(v, float) and math.isnan(v)})
+    print(f"bench: {summary['seconds']:.0f} s in all", file=sys.stderr)
     print(json.dumps(summary))
 
 

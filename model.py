@@ -382,8 +382,11 @@ class Attention(nn.Module):
                 v_full = x.new_zeros(B, T, self.n_kv_heads, self.head_dim)
                 k_full[b_idx, t_idx], v_full[b_idx, t_idx] = ke.to(x.dtype), ve.to(x.dtype)
                 k, v, key_keep = self.cache.update(start_pos, k_full.transpose(1, 2), v_full.transpose(1, 2), execute)
-            pos = torch.zeros(B, n_q, dtype=torch.long, device=x.device)           # padded slots: position 0
-            pos[b_idx, slot] = t_idx + start_pos
+            if B == 1:  # the executing tokens' positions, in order
+                pos = (t_idx + start_pos)[None]                                     # (1, n_q)
+            else:
+                pos = torch.zeros(B, n_q, dtype=torch.long, device=x.device)       # padded slots: position 0
+                pos[b_idx, slot] = t_idx + start_pos
             y = self._attend_by_position(q, k, v, pos, key_keep)
         if y is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
@@ -396,14 +399,17 @@ class Attention(nn.Module):
         """Queries q (B, nh, n_q, hd) at positions pos (B, n_q) attend causally to keys k, v (B, nkv, S, hd)
         at positions 0..S-1 (under evict, only to kept keys: key_keep (B, S)). -> (B, nh, n_q, hd).
 
-        One sequence on a CPU: the queries go in chunks of ATTN_CHUNK, each against the keys up to its
-        last query only, so the scores computed follow the causal triangle (as the dense causal kernel's
-        do) rather than the whole n_q x S rectangle an explicit mask would cost.
+        One sequence on a CPU, more than two chunks' worth of queries: the queries go in chunks of
+        ATTN_CHUNK, each against the keys up to its last query only, so the scores computed follow the
+        causal triangle (as the dense causal kernel's do) rather than the whole n_q x S rectangle an
+        explicit mask would cost. (Fewer queries: one call, no host sync for the chunks' last positions;
+        the scores saved would not pay for the calls.)
         """
         B, n_q = pos.shape
-        chunk = ATTN_CHUNK if B == 1 and q.device.type == "cpu" else n_q
+        chunk = ATTN_CHUNK if B == 1 and q.device.type == "cpu" and n_q > 2 * ATTN_CHUNK else n_q
         starts = list(range(0, n_q, chunk))
-        lasts = pos[0, [min(c + chunk, n_q) - 1 for c in starts]].tolist() if B == 1 else [k.shape[2] - 1] * len(starts)
+        lasts = (pos[0, [min(c + chunk, n_q) - 1 for c in starts]].tolist() if chunk < n_q
+                 else [k.shape[2] - 1])                                             # one call: every key
         out = []
         for c, last in zip(starts, lasts):
             keys = last + 1                                                         # keys this chunk can see

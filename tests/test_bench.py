@@ -12,8 +12,9 @@ from tiny import save_tiny_model
 
 def test_bench_quick_on_a_tiny_model(tmp_path, capsys):
     base = save_tiny_model(tmp_path / "base", n_layers=6)
+    # (eager decoding: compiled decoding equals eager, tests/test_routing.py, and compiling costs ~20 s here)
     bench.main(["--model", str(base), "--quick", "--threads", "1", "--plot", str(tmp_path / "b.png"),
-                "--sparsities", "0,0.25,0.5"])
+                "--sparsities", "0,0.25,0.5", "--compile", "false"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = out["results"]
     assert {r["variant"] for r in rows} == {"dense", "fast", "masked", "shortgpt", "transformers", "floor",
