@@ -22,7 +22,9 @@ tokens per measurement); decode of batch 8 after 128 (16 steps of 8 tokens per m
 Ideal speedups: prefill is FLOP-bound, so ideal = dense FLOPs / variant FLOPs; decode is bound by
 reading weights, so ideal = dense weight bytes / variant weight bytes per step (a module's weights
 are read if any sequence of the batch executes it). efficiency = the share of the ideal time
-saving achieved, (t_dense - t) / (t_dense - t_dense / ideal).
+saving achieved, (t_dense - t) / (t_dense - t_dense / ideal) = (1 - 1 / speedup) / (1 - 1 / ideal).
+A speedup is the median of the repetitions' dense time / variant time (each pair from one repetition);
+tokens/s, the median of each variant's own times.
 The last stdout line is one JSON object.
 """
 import json
@@ -157,8 +159,7 @@ def prefill_speedups(models, tokens, repeats=5, threads=2):
             run_prefill(model, tokens, factory or (lambda: None))
             if rep:
                 times[n].append(time.perf_counter() - t0)
-    t_ref = statistics.median(times[names[0]])
-    return {n: (tokens.numel() / statistics.median(times[n]), t_ref / statistics.median(times[n])) for n in names}
+    return {n: (tokens.numel() / statistics.median(times[n]), paired_ratio(times[names[0]], times[n])) for n in names}
 
 
 DEFAULT_SPARSITIES = "0,0.25,0.4,0.5"
@@ -198,6 +199,12 @@ def parse(argv=None):
     if a.decode_steps < 1 or a.batched_decode_steps < 1:
         raise UserError("--decode_steps and --batched_decode_steps must be >= 1")
     return a
+
+
+def paired_ratio(times_a, times_b):
+    """Median over the repetitions of time a / time b, each pair from the same repetition (run within
+    seconds of each other): a drift of this shared machine between repetitions cancels in each pair."""
+    return statistics.median(a / b for a, b in zip(times_a, times_b))
 
 
 def decode_steps(reg, a):
@@ -372,10 +379,12 @@ def main(argv=None):
 
     results, checks = [], {}
     # decode caches: one length per batch size, the longest its regimes need (see prefill_context)
+    # (one slot to spare: at the last slot the keys read are the whole cache, a contiguous view, which
+    # torch.compile specializes on: every compiled graph would compile again for the last step)
     cache_len = {}
     for r in regimes:
         if r["kind"] == "decode":
-            cache_len[r["batch"]] = max(cache_len.get(r["batch"], 0), r["length"] + decode_steps(r, a))
+            cache_len[r["batch"]] = max(cache_len.get(r["batch"], 0), r["length"] + decode_steps(r, a) + 1)
     for reg in regimes:
         regime_start = time.perf_counter()
         B, T = reg["batch"], reg["length"]
@@ -438,11 +447,10 @@ def main(argv=None):
         timed = time.perf_counter() - warm
         warm -= timing_start
         n_tok = B * T if reg["kind"] == "prefill" else B * steps
-        t_dense = statistics.median(times["dense"]) / n_tok
         for name, (m, routing_fn, s) in variants.items():
-            t = statistics.median(times[name]) / n_tok
-            row = {"variant": name.split("@")[0], "regime": reg["name"], "sparsity": s, "tokens_per_s": 1 / t,
-                   "speedup": t_dense / t}
+            speedup = paired_ratio(times["dense"], times[name])
+            row = {"variant": name.split("@")[0], "regime": reg["name"], "sparsity": s,
+                   "tokens_per_s": n_tok / statistics.median(times[name]), "speedup": speedup}
             if isinstance(m, str):  # transformers, or the floor: no FLOP accounting of ours
                 row |= {"ideal_speedup": float("nan"), "efficiency": float("nan")}
             else:
@@ -451,12 +459,11 @@ def main(argv=None):
                 if s == "own":  # what the routers skip on this text, measured from each row's own gates
                     row["sparsity"] = 1 - row["gated_param_fraction"]
                 ideal = row["ideal_speedup"]
-                row["efficiency"] = (t_dense - t) / (t_dense - t_dense / ideal) if ideal > 1.0001 else float("nan")
+                row["efficiency"] = (1 - 1 / speedup) / (1 - 1 / ideal) if ideal > 1.0001 else float("nan")
             results.append(row)
         if "floor" in variants:
-            checks[f"{reg['name']} dense / floor"] = statistics.median(times["dense"]) / statistics.median(times["floor"])
-            checks[f"{reg['name']} F.linear floor / floor"] = (statistics.median(times["floor_flinear"])
-                                                              / statistics.median(times["floor"]))
+            checks[f"{reg['name']} dense / floor"] = paired_ratio(times["dense"], times["floor"])
+            checks[f"{reg['name']} F.linear floor / floor"] = paired_ratio(times["floor_flinear"], times["floor"])
         print_table([r for r in results if r["regime"] == reg["name"]])
         print(f"{reg['name']}: {time.perf_counter() - regime_start:.0f} s (warm-up {warm:.0f} s, timed repeats "
               f"{timed:.0f} s)", file=sys.stderr)

@@ -529,11 +529,12 @@ def routed_decode_step(block, x, cos, sin, start_pos, bias, offset, forced=None)
 
 def routed_blocks_step(blocks, x, cos, sin, start_pos, biases, offset, forced):
     """routed_decode_step through consecutive blocks, as one compiled graph for up to DECODE_GROUP of
-    them (Transformer._decode_group): fewer calls into compiled code per token. biases, forced: per
-    block (forced entries None under hard routing). -> (out (1, 1, dim), gates (len(blocks), 2, 1, 1))."""
+    them (Transformer._decode_group): fewer calls into compiled code per token. biases: per block;
+    forced: the blocks' given decisions (len(blocks), 2, 1, 1), or None under hard routing.
+    -> (out (1, 1, dim), gates (len(blocks), 2, 1, 1))."""
     gates = []
-    for block, bias, given in zip(blocks, biases, forced):
-        x, g = routed_decode_step(block, x, cos, sin, start_pos, bias, offset, given)
+    for j, (block, bias) in enumerate(zip(blocks, biases)):
+        x, g = routed_decode_step(block, x, cos, sin, start_pos, bias, offset, None if forced is None else forced[j])
         gates.append(g)
     return x, torch.stack(gates)
 
@@ -917,9 +918,11 @@ class Transformer(nn.Module):
             group = self._decode_group(i, h, routing if routed else None, start_pos)
             if group:  # compiled decoding: several blocks in one graph
                 steps = group[0].decode_steps
-                if routed:  # (mode "force": the given decisions, read by position; no logits needed)
-                    forced = tuple(None if routing.mode == "hard" else routing.gate_pair(h, layer.layer_id, start_pos)
-                                   for layer in group)
+                if routed:  # mode "force": the group's given decisions at this position, one slice (copied,
+                    # so that their strides do not depend on how many positions were given: no recompiling)
+                    ids = [layer.layer_id for layer in group]
+                    forced = (None if routing.mode == "hard" else routing.force[ids, :, :, start_pos:start_pos + 1]
+                              .to(h.device, torch.float32).clone(memory_format=torch.contiguous_format))  # (n, 2, 1, 1)
                     h, g = steps.routed_blocks(group, h, cos, sin, start_pos, tuple(layer.router_fold[0] for layer in group),
                                                routing.offset, forced)
                     gates += list(g)

@@ -1,4 +1,5 @@
 """The study runner: jobs, dependencies, resumption, failures, and the interleaved speed measurement."""
+import statistics
 import sys
 import types
 
@@ -40,8 +41,8 @@ def test_a_failed_job_fails_its_dependents_only(tmp_path):
 
 def test_speed_phase_takes_interleaved_medians_against_the_first_model(monkeypatch):
     """bench.prefill_speedups on a fake clock: each model's prefill "takes" a known time per
-    repetition (with an outlier); the result must be the medians' ratios to the first model, every
-    model timed once per repetition, the warm-up discarded, the order rotating."""
+    repetition (with an outlier); the result must be the medians of the repetitions' time ratios to the
+    first model, every model timed once per repetition, the warm-up discarded, the order rotating."""
     durations = {"dense": [9.0, 2.0, 2.0, 2.2, 50.0, 1.8],   # first: warm-up (dropped); median of the rest 2.0
                  "routed": [9.0, 1.0, 1.1, 0.9, 1.0, 30.0],  # median 1.0: twice as fast
                  "pruned": [9.0, 4.0, 4.0, 3.0, 5.0, 4.0]}   # median 4.0: half as fast
@@ -63,6 +64,14 @@ def test_speed_phase_takes_interleaved_medians_against_the_first_model(monkeypat
     assert all(c == 6 for c in calls.values())
     rounds = [order[i:i + 3] for i in range(0, 18, 3)]
     assert all(sorted(r) == sorted(durations) for r in rounds) and rounds[0] != rounds[1]  # interleaved, rotating
+
+
+def test_speedups_pair_each_repetition_so_a_drift_between_repetitions_cancels():
+    """The machine slows 3x from the third repetition on, after dense's third run but before the
+    variant's: ratios of the medians would say 0.67x; each repetition's pair says 2x, 4 times of 5."""
+    dense, variant = [2.0, 2.0, 2.0, 6.0, 6.0], [1.0, 1.0, 3.0, 3.0, 3.0]
+    assert statistics.median(dense) / statistics.median(variant) == pytest.approx(2 / 3)
+    assert bench.paired_ratio(dense, variant) == pytest.approx(2.0)
 
 
 def test_command_line_errors():
