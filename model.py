@@ -19,6 +19,7 @@ References:
 """
 import copy
 import math
+import statistics
 import sys
 import time
 from collections import namedtuple
@@ -169,8 +170,9 @@ class KVCache(nn.Module):
 # some machines here torch's matrix-vector product used one core, and the same matrix cut into blocks
 # of rows and multiplied as one batched product (split_linear) ran 2-3x faster; on another (an Intel
 # Xeon) the plain product used both cores and the split one was 3-6x slower. So neither is hard-wired:
-# Transformer.fuse_weights (inference) times both, once per process, for each matrix that decoding
-# multiplies by (choose_products), and linear() takes the faster.
+# Transformer.fuse_weights (inference) times both, once per process, for each matrix shape that
+# decoding multiplies by, over all the matrices of that shape (choose_products), and linear() takes
+# the faster.
 
 FEW_ROWS = 8           # products of up to this many rows are the ones measured
 FASTER_SPLIT = {}      # (out, in, dtype, one row?) -> whether split_linear was measured faster here
@@ -196,29 +198,36 @@ def linear(x, weight):
     return F.linear(x, weight)
 
 
-def _seconds(fn, *args):
+def _seconds(product, x, weights):
+    """Seconds for product(x, w) over every matrix w of `weights`, one after the other."""
     t0 = time.perf_counter()
-    fn(*args)
+    for w in weights:
+        product(x, w)
     return time.perf_counter() - t0
 
 
 @torch.no_grad()
-def choose_products(weights, repeats=5):
+def choose_products(weights, repeats=7):
     """For each CPU matrix shape not measured yet in this process: time F.linear and split_linear on
-    one row and on FEW_ROWS // 2 rows (interleaved, median of `repeats`) and record the faster in
-    FASTER_SPLIT. -> the number of shapes measured now."""
-    measured = 0
+    one row and on FEW_ROWS // 2 rows and record the faster in FASTER_SPLIT. -> the number of shapes
+    measured now. Each timing is one pass over every matrix of that shape (one per block: read from
+    memory, as decoding reads them, not from a cache that one matrix timed again and again would sit
+    in), the two products interleaved, the median of `repeats` passes: timed on one small matrix, the
+    choice came out differently from one process to the next here."""
+    by_shape = {}
     for w in weights:
-        if w.device.type != "cpu" or w.dim() != 2 or not w.is_contiguous() or math.gcd(w.shape[0], 8) == 1:
-            continue
+        if w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous() and math.gcd(w.shape[0], 8) > 1:
+            by_shape.setdefault((*w.shape, w.dtype), []).append(w)
+    measured = 0
+    for shape, mats in by_shape.items():
         for rows in (1, FEW_ROWS // 2):
-            key = (*w.shape, w.dtype, rows == 1)
+            key = (*shape, rows == 1)
             if key in FASTER_SPLIT:
                 continue
-            x = torch.randn(rows, w.shape[1], dtype=w.dtype)
-            F.linear(x, w), split_linear(x, w)  # warm up
-            plain, split = zip(*[(_seconds(F.linear, x, w), _seconds(split_linear, x, w)) for _ in range(repeats)])
-            FASTER_SPLIT[key] = sorted(split)[repeats // 2] < sorted(plain)[repeats // 2]
+            x = torch.randn(rows, shape[1], dtype=shape[2])
+            _seconds(F.linear, x, mats[:1]), _seconds(split_linear, x, mats[:1])  # warm up
+            plain, split = zip(*[(_seconds(F.linear, x, mats), _seconds(split_linear, x, mats)) for _ in range(repeats)])
+            FASTER_SPLIT[key] = statistics.median(split) < statistics.median(plain)
             measured += 1
     return measured
 
@@ -780,7 +789,7 @@ class Transformer(nn.Module):
         same state dict). Training never uses them (train mode); adding LoRA drops them (lora.add_lora),
         so does moving, casting or reloading the model, and a router changed in place is not folded.
         On a CPU it also times the two few-row products for each matrix decoding multiplies by, once
-        per process (choose_products: 0.6 s for SmolLM2-135M here, 2.7 s with other work beside it).
+        per process (choose_products: 1.7 s for SmolLM2-135M here).
         Call it last: after moving the model to its device and dtype and merging any LoRA."""
         if any(getattr(m, "lora_A", None) is not None and not m.merged for m in self.modules()):
             raise UserError("merge the LoRA adapters before fusing the weights (lora.merge_lora)")
