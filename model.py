@@ -929,9 +929,8 @@ class Transformer(nn.Module):
                 steps = group[0].decode_steps
                 if routed:  # mode "force": the group's given decisions at this position, one slice (copied,
                     # so that their strides do not depend on how many positions were given: no recompiling)
-                    ids = [layer.layer_id for layer in group]
-                    forced = (None if routing.mode == "hard" else routing.force[ids, :, :, start_pos:start_pos + 1]
-                              .to(h.device, torch.float32).clone(memory_format=torch.contiguous_format))  # (n, 2, 1, 1)
+                    forced = (None if routing.mode == "hard" else routing.given([layer.layer_id for layer in group], start_pos, 1)
+                              .to(h.device).clone(memory_format=torch.contiguous_format))  # (n, 2, 1, 1)
                     h, g = steps.routed_blocks(group, h, cos, sin, start_pos, tuple(layer.router_fold[0] for layer in group),
                                                routing.offset, forced)
                     gates += list(g)

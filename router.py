@@ -151,12 +151,17 @@ class Routing:
                 return gumbel_gate(logits, 1.0)
         return self.force[layer, module][:, start_pos:start_pos + logits.shape[1]].to(logits.device, torch.float32)
 
+    def given(self, layers, start_pos, length):
+        """Mode "force": the decisions given for block(s) `layers` (an index, or a list of them) at
+        positions start_pos.. start_pos+length-1 -> (2, B, length), or (len(layers), 2, B, length)."""
+        return self.force[layers, :, :, start_pos:start_pos + length].to(torch.float32)
+
     def gate_pair(self, logits, layer, start_pos=0):
         """Both gates of a block from its two routers' logits side by side, (B, T, 4) -> (2, B, T)."""
         if self.mode == "hard":  # one comparison for both: [execute, skip] pairs of attention and MLP
             return hard_gate_pair(logits, self.offset)
         if self.mode == "force":
-            return self.force[layer][:, :, start_pos:start_pos + logits.shape[1]].to(logits.device, torch.float32)
+            return self.given(layer, start_pos, logits.shape[1]).to(logits.device)
         return torch.stack([self.gate(logits[..., :2], layer, 0, start_pos),
                             self.gate(logits[..., 2:], layer, 1, start_pos)])
 
