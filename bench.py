@@ -18,7 +18,8 @@ every prefill median spans as many tokens as prefill 512's):
              this machine, model.choose_products), and with F.linear only (floor_flinear): the least
              any decoder that multiplies that way spends per token
 Regimes: prefill of 128 and 512 tokens; decode of batch 1 after 128 and 512 tokens of context (32
-tokens per measurement); decode of batch 8 after 128 (16 steps of 8 tokens per measurement). "sparsity" is the share of block parameters skipped per token.
+tokens per measurement); decode of batch 8 after 128 (16 steps of 8 tokens per measurement).
+"sparsity" is the share of block parameters skipped per token.
 Ideal speedups: prefill is FLOP-bound, so ideal = dense FLOPs / variant FLOPs; decode is bound by
 reading weights, so ideal = dense weight bytes / variant weight bytes per step (a module's weights
 are read if any sequence of the batch executes it). efficiency = the share of the ideal time
@@ -443,9 +444,8 @@ def main(argv=None):
                 if rep > 0:
                     times[name].append(dt)
             if rep == 0:
-                warm = time.perf_counter()
-        timed = time.perf_counter() - warm
-        warm -= timing_start
+                warmed_up = time.perf_counter()
+        warm_up, timed = warmed_up - timing_start, time.perf_counter() - warmed_up
         n_tok = B * T if reg["kind"] == "prefill" else B * steps
         for name, (m, routing_fn, s) in variants.items():
             speedup = paired_ratio(times["dense"], times[name])
@@ -465,7 +465,7 @@ def main(argv=None):
             checks[f"{reg['name']} dense / floor"] = paired_ratio(times["dense"], times["floor"])
             checks[f"{reg['name']} F.linear floor / floor"] = paired_ratio(times["floor_flinear"], times["floor"])
         print_table([r for r in results if r["regime"] == reg["name"]])
-        print(f"{reg['name']}: {time.perf_counter() - regime_start:.0f} s (warm-up {warm:.0f} s, timed repeats "
+        print(f"{reg['name']}: {time.perf_counter() - regime_start:.0f} s (warm-up {warm_up:.0f} s, timed repeats "
               f"{timed:.0f} s)", file=sys.stderr)
 
     for name, value in checks.items():

@@ -149,7 +149,7 @@ class Routing:
         if self.mode == "sample":
             with torch.no_grad():
                 return gumbel_gate(logits, 1.0)
-        return self.force[layer, module][:, start_pos:start_pos + logits.shape[1]].to(logits.device, torch.float32)
+        return self.given(layer, start_pos, logits.shape[1])[module].to(logits.device)
 
     def given(self, layers, start_pos, length):
         """Mode "force": the decisions given for block(s) `layers` (an index, or a list of them) at
