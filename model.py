@@ -263,13 +263,15 @@ def fuse_linears(*linears, head=None):
 
 
 def snapshot(owners_and_names):
-    """What unchanged() compares against: each (module, attribute) with its tensor and the tensor's version."""
-    return [(m, name, getattr(m, name), getattr(m, name)._version) for m, name in owners_and_names]
+    """What unchanged() compares against: for each (module, parameter name), the module's parameter
+    dict, the parameter and its version. (unchanged() runs for every routed block of every decoded
+    token: a plain dict lookup, where getattr(module, name) would go through nn.Module.__getattr__.)"""
+    return [(m._parameters, name, m._parameters[name], m._parameters[name]._version) for m, name in owners_and_names]
 
 
 def unchanged(snap):
-    """Whether every tensor of a snapshot is still in place and unmodified (no in-place update since)."""
-    return all(getattr(m, name) is t and t._version == v for m, name, t, v in snap)
+    """Whether every parameter of a snapshot is still in place and unmodified (no in-place update since)."""
+    return all(params.get(name) is p and p._version == v for params, name, p, v in snap)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,7 +506,7 @@ def blocks_step(blocks, x, cos, sin, start_pos):
 
 def routed_decode_step(block, x, cos, sin, start_pos, bias, offset, forced=None):
     """Batch-1 decoding through a routed block whose routers are folded into the attention's
-    matrix, under "keep" (TransformerBlock._routed_decode_ok): the same result as
+    matrix, under "keep" (Transformer._decode_group): the same result as
     TransformerBlock._decode_one, written so that torch.compile makes the whole block one graph.
 
     One matmul gives the routers' logits and the token's K and V; the decisions follow (hard
@@ -711,15 +713,6 @@ class TransformerBlock(nn.Module):
         return (fused is not None and self.router_fold is not None and fused.dtype == torch.float32
                 and not torch.is_autocast_enabled(x.device.type) and unchanged(self.router_fold[1]))
 
-    def _routed_decode_ok(self, x, routing, start_pos):
-        """Whether a one-token forward can take the compiled routed_decode_step (in a group of blocks,
-        Transformer._decode_group): compiled decoding, a
-        KV cache, "keep", the routers folded (linear, reading the block input, not a protected
-        block), deterministic or given decisions, past the protected first tokens."""
-        return (self.decode_steps is not None and self.attention.cache is not None and self.router_cfg.kv == "keep"
-                and routing.mode in ("hard", "force") and start_pos >= self.router_cfg.protect_first_tokens
-                and self._folded(x))
-
     def _gate_pair(self, x, routing, start_pos=0):
         """Both gates of the block from the block input x: (2, B, T); when the routers are folded
         into the attention's matrix under "keep", every token's (k, v) (B, T, nkv, hd) from the same
@@ -769,6 +762,8 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention_router = Router(self.args.dim, cfg).to(device)
             layer.ffn_router = Router(self.args.dim, cfg).to(device)
+        if self._fused_key is not None:
+            self.drop_fused()  # the fused matrices hold the old routers' rows
         return self.set_router_config(cfg)
 
     def set_router_config(self, cfg: RouterConfig):
@@ -922,51 +917,64 @@ class Transformer(nn.Module):
         cos, sin = cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
         routed = routing is not None and self.router_cfg is not None
         h = self.tok_embeddings(tokens)                               # (B, T, dim)
-        gates, i = [], 0
-        while i < len(self.layers):
-            group = self._decode_group(i, h, routing if routed else None, start_pos)
+        blocks = tuple(self.layers)  # (a slice of a tuple is cheap; a slice of the ModuleList builds a module)
+        gates, given, i = [], None, 0  # gates: (n, 2, B, T) per block or group of blocks
+        while i < len(blocks):
+            group = self._decode_group(blocks, i, h, routing if routed else None, start_pos)
             if group:  # compiled decoding: several blocks in one graph
                 steps = group[0].decode_steps
-                if routed:  # mode "force": the group's given decisions at this position, one slice (copied,
-                    # so that their strides do not depend on how many positions were given: no recompiling)
-                    forced = (None if routing.mode == "hard" else routing.given([layer.layer_id for layer in group], start_pos, 1)
-                              .to(h.device).clone(memory_format=torch.contiguous_format))  # (n, 2, 1, 1)
+                if routed:
+                    if routing.mode == "force" and given is None:  # every block's given decisions at this position,
+                        # copied once per token (so that their strides do not depend on how many positions were
+                        # given: no recompiling); each group takes its rows
+                        given = (routing.given([layer.layer_id for layer in blocks], start_pos, 1)
+                                 .to(h.device).clone(memory_format=torch.contiguous_format))  # (L, 2, 1, 1)
                     h, g = steps.routed_blocks(group, h, cos, sin, start_pos, tuple(layer.router_fold[0] for layer in group),
-                                               routing.offset, forced)
-                    gates += list(g)
+                                               routing.offset, None if given is None else given[i:i + len(group)])
+                    gates.append(g)                                    # (n, 2, 1, 1)
                 else:
                     h = steps.blocks(group, h, cos, sin, start_pos)
                 i += len(group)
                 continue
-            layer = self.layers[i]
+            layer = blocks[i]
             if routed and routing.fast:
                 h, g = layer.forward_fast(h, cos, sin, start_pos, routing)
             else:
                 h, g = layer(h, cos, sin, start_pos, routing if routed else None)
-            gates.append(g)
+            if routed:
+                gates.append(g[None])
             i += 1
-        gates = torch.stack(gates) if routed else None                 # (L, 2, B, T)
+        gates = torch.cat(gates) if routed else None                   # (L, 2, B, T)
         logits = self.output(self.norm(h))
         if targets is None:
             return logits, None, gates
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss, gates
 
-    def _decode_group(self, i, x, routing, start_pos):
-        """Blocks i.. that one compiled graph runs in a batch-1 one-token forward: up to DECODE_GROUP
-        consecutive plain blocks (no routing) or routed blocks that take routed_decode_step; () where
-        block i takes its own path (not compiled, masked routing, a protected block, several sequences:
-        each batch size and group length is a compilation of its own, ~20-60 s here)."""
-        if x.shape[0] * x.shape[1] != 1 or self.layers[i].decode_steps is None:
+    def _decode_group(self, blocks, i, x, routing, start_pos):
+        """Blocks i.. (of the tuple `blocks`) that one compiled graph runs in a batch-1 one-token
+        forward: up to DECODE_GROUP consecutive plain blocks (no routing), or routed blocks that take
+        routed_decode_step (compiled decoding, a KV cache, "keep", deterministic or given decisions
+        past the protected first tokens, and each block's routers folded: linear, reading the block
+        input, not a protected block); () where block i takes its own path (not compiled, masked
+        routing, a protected block, several sequences: each batch size and group length is a
+        compilation of its own, ~20-60 s here). This runs for every decoded token, between calls into
+        compiled code, where a Python operation took 3-10x as long as in a loop of its own here (0.76
+        ms per token for the checks as first written): what is common to every block is checked once."""
+        if x.shape[0] * x.shape[1] != 1 or blocks[i].decode_steps is None:
             return ()
         if routing is None:
-            return tuple(self.layers[i:i + DECODE_GROUP])
-        group = []
-        for layer in self.layers[i:i + DECODE_GROUP]:
-            if not (routing.fast and layer.attention_router is not None and layer._routed_decode_ok(x, routing, start_pos)):
+            return blocks[i:i + DECODE_GROUP]
+        if not (routing.fast and routing.mode in ("hard", "force") and self.router_cfg.kv == "keep"
+                and start_pos >= self.router_cfg.protect_first_tokens and blocks[i].attention.cache is not None
+                and blocks[i]._folded(x)):
+            return ()
+        n = 1
+        for layer in blocks[i + 1:i + DECODE_GROUP]:  # fused with the first (fuse_weights): folded, and unchanged since?
+            if layer.router_fold is None or layer.training or not unchanged(layer.router_fold[1]):
                 break
-            group.append(layer)
-        return tuple(group)
+            n += 1
+        return blocks[i:i + n]
 
     # --- generation ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -344,6 +344,35 @@ def test_fast_path_gives_the_masked_paths_lora_gradients():
         assert torch.allclose(grads[0][1][n], grads[1][1][n], atol=1e-5), n
 
 
+def test_compiled_groups_take_their_own_blocks_given_decisions(monkeypatch):
+    """Batch-1 compiled decoding with given decisions: the decisions at a position are copied once
+    for every block and each group of blocks takes its own rows. With groups of 2 blocks (blocks
+    0-1, then 2), a group reading another group's rows would decide differently from eager decoding."""
+    import model as model_module
+    monkeypatch.setattr(model_module, "DECODE_GROUP", 2)
+    model = routed_model(seed=5).fuse_weights()
+    x = torch.randint(0, 101, (1, 14), generator=torch.Generator().manual_seed(6))
+    forced = (torch.rand(len(model.layers), 2, 1, 14, generator=torch.Generator().manual_seed(7)) > 0.5).float()
+    forced[2, :, :, 8:] = 1 - forced[0, :, :, 8:]  # block 2's decisions differ from block 0's at every decoded token
+
+    def decode():
+        model.setup_cache(1, 14)
+        try:
+            out = [model(x[:, :8], routing=Routing(mode="force", force=forced, fast=True))]
+            out += [model(x[:, t:t + 1], routing=Routing(mode="force", force=forced, fast=True), start_pos=t)
+                    for t in range(8, 14)]
+        finally:
+            model.clear_cache()
+        return torch.cat([o[0] for o in out], 1), torch.cat([o[2] for o in out], -1)
+
+    with torch.no_grad():
+        eager_logits, eager_gates = decode()
+        assert model.compile_decoding()
+        logits, gates = decode()
+    assert torch.equal(eager_gates, forced) and torch.equal(gates, forced)
+    assert (logits - eager_logits).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("kv", ["keep", "evict"])
 def test_compiled_decoding_equals_eager(kv):
     """compile_decoding (torch.compile'd steps for one-token forwards) decodes as the eager model
@@ -520,6 +549,9 @@ def test_fused_weights_are_not_used_where_they_would_be_wrong():
         model.layers[2].ffn_router.proj.bias.add_(torch.tensor([-50.0, 50.0]))  # now always skips
     _, _, gates = model(x, routing=Routing(mode="hard", fast=True))
     assert gates[2, 1, :, 1:].eq(0).all()  # (the first token always executes)
+    # new routers after fusing: the fused matrices, which hold the old routers' rows, are dropped
+    model.add_routers(RouterConfig(protect_first=0))
+    assert all(layer.router_fold is None and layer.attention.fused is None for layer in model.layers)
 
 
 @pytest.mark.parametrize("kv", ["keep", "evict"])
