@@ -710,8 +710,12 @@ class TransformerBlock(nn.Module):
         """Whether the routers' rows lead the attention's fused matrix and can run there for x."""
         fused = self.attention.fused_weights()
         # (in fp32 only: in bf16, W/w and xn round differently from W and rms_norm(x), and decisions flip)
-        return (fused is not None and self.router_fold is not None and fused.dtype == torch.float32
-                and not torch.is_autocast_enabled(x.device.type) and unchanged(self.router_fold[1]))
+        return (fused is not None and fused.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+                and self._fold_current())
+
+    def _fold_current(self):
+        """Whether fuse_weights folded this block's routers and none of them changed since."""
+        return self.router_fold is not None and unchanged(self.router_fold[1])
 
     def _gate_pair(self, x, routing, start_pos=0):
         """Both gates of the block from the block input x: (2, B, T); when the routers are folded
@@ -762,8 +766,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention_router = Router(self.args.dim, cfg).to(device)
             layer.ffn_router = Router(self.args.dim, cfg).to(device)
-        if self._fused_key is not None:
-            self.drop_fused()  # the fused matrices hold the old routers' rows
+        self.drop_fused()  # fused matrices would hold the old routers' rows
         return self.set_router_config(cfg)
 
     def set_router_config(self, cfg: RouterConfig):
@@ -971,7 +974,7 @@ class Transformer(nn.Module):
             return ()
         n = 1
         for layer in blocks[i + 1:i + DECODE_GROUP]:  # fused with the first (fuse_weights): folded, and unchanged since?
-            if layer.router_fold is None or layer.training or not unchanged(layer.router_fold[1]):
+            if layer.training or not layer._fold_current():
                 break
             n += 1
         return blocks[i:i + n]
