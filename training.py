@@ -256,6 +256,8 @@ def train(stage, s, explicit):
         sys.exit(130)
     bar.close()
     train_time = time.time() - t0 - val_time  # training alone: tokens/s without the periodic validation
+    if world > 1:  # every process leaves the loop before any tears its group down
+        torch.distributed.barrier()
     if not master:
         torch.distributed.destroy_process_group()
         return None

@@ -431,6 +431,41 @@ def test_compiled_decoding_equals_eager(kv):
     assert all((rows == n).any() for n in (0, 1, 2))
 
 
+def test_compiled_decoding_runs_protected_blocks_as_one_plain_group():
+    """Protected blocks (protect_first) always execute. In batch-1 routed decoding, compiled, they run
+    together as one graph of plain blocks (blocks_step) and the others as routed groups, with the same
+    logits and gates as eager decoding (where every block takes its own path), ones for the protected."""
+    model = decisive_routers(routed_model(seed=3, protect_first=2)).fuse_weights()
+    x = torch.randint(0, 101, (1, 16), generator=torch.Generator().manual_seed(4))
+    forced = (torch.rand(len(model.layers), 2, 1, 16, generator=torch.Generator().manual_seed(5)) > 0.4).float()
+
+    def decode(routing):
+        model.setup_cache(1, 16)
+        try:
+            out = [model(x[:, :8], routing=routing)] + [model(x[:, t:t + 1], routing=routing, start_pos=t)
+                                                        for t in range(8, 16)]
+        finally:
+            model.clear_cache()
+        return torch.cat([o[0] for o in out], 1), torch.cat([o[2] for o in out], -1)
+
+    runs = [Routing(mode="hard", offset=0.5, fast=True), Routing(mode="force", force=forced, fast=True)]
+    with torch.no_grad():
+        eager = [decode(r) for r in runs]
+        assert model.compile_decoding()
+        calls = []
+        steps = model.layers[0].decode_steps
+        for layer in model.layers:
+            layer.decode_steps = type(steps)(*((lambda *a, s=s: calls.append((s, len(a[0]) if isinstance(a[0], tuple)
+                                                                                 else 0)) or s(*a))
+                                               for s in steps))
+        compiled = [decode(r) for r in runs]
+    # per decoded token: one call for blocks 0-1 (plain), one for block 2 (routed), nothing else
+    assert calls == [(steps.blocks, 2), (steps.routed_blocks, 1)] * 8 * len(runs)
+    for (a, ga), (b, gb) in zip(eager, compiled):
+        assert (a - b).abs().max() < 1e-4 and torch.equal(ga, gb)
+        assert (ga[:2] == 1).all() and (ga[2, :, :, 8:] == 0).any()  # block 2 skips some decoded tokens
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 24), (2, 1, 24), (1, 8, 24), (9, 24), (3, 4, 24)])
 @pytest.mark.parametrize("out", [96, 12, 7])
 @pytest.mark.parametrize("split_faster", [True, False])
