@@ -923,13 +923,10 @@ class Transformer(nn.Module):
         blocks = tuple(self.layers)  # (a slice of a tuple is cheap; a slice of the ModuleList builds a module)
         gates, given, i = [], None, 0  # gates: (n, 2, B, T) per block or group of blocks
         while i < len(blocks):
-            group = self._decode_group(blocks, i, h, routing if routed else None, start_pos)
+            group, routed_group = self._decode_group(blocks, i, h, routing if routed else None, start_pos)
             if group:  # compiled decoding: several blocks in one graph
                 steps = group[0].decode_steps
-                if routed and group[0].layer_id < self.router_cfg.protect_first:  # protected: they always execute
-                    h = steps.blocks(group, h, cos, sin, start_pos)
-                    gates.append(h.new_ones(len(group), 2, 1, 1, dtype=torch.float32))
-                elif routed:
+                if routed_group:
                     if routing.mode == "force" and given is None:  # every block's given decisions at this position,
                         # copied once per token (so that their strides do not depend on how many positions were
                         # given: no recompiling); each group takes its rows
@@ -938,8 +935,10 @@ class Transformer(nn.Module):
                     h, g = steps.routed_blocks(group, h, cos, sin, start_pos, tuple(layer.router_fold[0] for layer in group),
                                                routing.offset, None if given is None else given[i:i + len(group)])
                     gates.append(g)                                    # (n, 2, 1, 1)
-                else:
+                else:  # plain blocks: the dense model's, or protected ones (they always execute)
                     h = steps.blocks(group, h, cos, sin, start_pos)
+                    if routed:
+                        gates.append(h.new_ones(len(group), 2, 1, 1, dtype=torch.float32))
                 i += len(group)
                 continue
             layer = blocks[i]
@@ -959,35 +958,32 @@ class Transformer(nn.Module):
 
     def _decode_group(self, blocks, i, x, routing, start_pos):
         """Blocks i.. (of the tuple `blocks`) that one compiled graph runs in a batch-1 one-token
-        forward: up to DECODE_GROUP consecutive plain blocks (no routing, or protected blocks, which
-        always execute), or routed blocks that take routed_decode_step (compiled decoding, a KV cache,
-        "keep", deterministic or given decisions past the protected first tokens, and each block's
-        routers folded: linear, reading the block input); () where block i takes its own path (not
-        compiled, masked routing, several sequences: each batch size and group length is a
-        compilation of its own, ~20-60 s here). This runs for every decoded token, between calls into
+        forward, and whether they are routed: up to DECODE_GROUP consecutive plain blocks (no routing,
+        or protected blocks, which always execute), or routed blocks that take routed_decode_step
+        (compiled decoding, a KV cache, "keep", deterministic or given decisions past the protected
+        first tokens, and each block's routers folded: linear, reading the block input); () where
+        block i takes its own path (not compiled, masked routing, several sequences: each batch size
+        and group length is a compilation of its own, ~20-60 s here). This runs for every decoded token, between calls into
         compiled code, where a Python operation took 3-10x as long as in a loop of its own here (every
         condition checked for every block took 0.76 ms per token): what the blocks share is checked once."""
         if x.shape[0] * x.shape[1] != 1 or blocks[i].decode_steps is None:
-            return ()
+            return (), False
         if routing is None:
-            return blocks[i:i + DECODE_GROUP]
+            return blocks[i:i + DECODE_GROUP], False
         if not (routing.fast and routing.mode in ("hard", "force") and self.router_cfg.kv == "keep"
                 and start_pos >= self.router_cfg.protect_first_tokens and blocks[i].attention.cache is not None):
-            return ()
+            return (), False
         protected = self.router_cfg.protect_first
-        if blocks[i].layer_id < protected:  # protected blocks always execute: plain blocks, grouped as dense ones
-            n = 1
-            while n < DECODE_GROUP and i + n < len(blocks) and blocks[i + n].layer_id < protected:
-                n += 1
-            return blocks[i:i + n]
+        if blocks[i].layer_id < protected:  # always executed: plain blocks (layer ids increase along blocks)
+            return blocks[i:i + sum(layer.layer_id < protected for layer in blocks[i:i + DECODE_GROUP])], False
         if not blocks[i]._folded(x):
-            return ()
+            return (), False
         n = 1
         for layer in blocks[i + 1:i + DECODE_GROUP]:  # fused with the first (fuse_weights): folded, and unchanged since?
             if layer.training or not layer._fold_current():
                 break
             n += 1
-        return blocks[i:i + n]
+        return blocks[i:i + n], True
 
     # --- generation ------------------------------------------------------------------------------
     @torch.no_grad()
