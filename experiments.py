@@ -4,6 +4,7 @@
     python experiments.py headline            # 40% + LoRA (3 seeds) against dense and ShortGPT + LoRA, 1,000 documents per task
     python experiments.py ablations           # router kind, MLP router input, weighting, budget, K/V, joint, alpha; 3 seeds
     python experiments.py ablations --quick   # the same rows, 16 short steps each, ranked beside the full study (~8 min)
+    python experiments.py curve               # stage 1 at 25% for 100 ... 1,600 steps: the learning curve (hours; resumes)
 
 Each study is a list of jobs: training runs (train_stage1.py, train_stage2.py) and evaluations
 (eval.py), run as subprocesses, --jobs at a time on one CPU thread each (on this 2-core machine,
@@ -34,6 +35,15 @@ headline (out/headline/):
   with its standard error from the paired per-document outcomes (eval.paired_difference). SkipGPT's
   two stages run with --seeds seeds (1337, 1338, ...; out/stage1-t0.40-seed1338, ...), the first
   seed's comparison whole before the next seed trains; the table gives each seed and their mean.
+curve (runs/learning_curve/, tracked by git so that the study resumes across machines and sessions):
+  stage 1 at 25% with the default settings for CURVE_STEPS steps (same seed), each run then evaluated
+  with eval.py --tasks none (held-out general and plays perplexity, LAMBADA, the factual prompts) at its
+  own calibrated offset, beside ShortGPT with as many blocks removed as the run's sparsity matches
+  (train_stage1.py's own comparison) and dense. A training job that stopped resumes from its last
+  checkpoint (every 50 steps). The table, docs/learning_curve.png (routed / dense perplexity against
+  training tokens, ShortGPT and 1.0 beside it; the factual answers kept), and a power-law fit of
+  (routed / dense - 1) against tokens, extrapolated to the paper's budget (CURVE_PAPER_TOKENS). Points
+  not trained yet are left out of the table and the fit.
 ablations (out/ablations/, quick: out/ablations-quick/):
   one stage-1 run per row and seed (3 seeds, the quick form 1), each row changing one setting of the
   default, and the two-stage row (LoRA on the default row's routers of the same seed) beside the
@@ -422,6 +432,110 @@ def study_headline(a):
 
 
 # ----------------------------------------------------------------------------------------------
+# The learning curve: does the gap to dense close with more training tokens?
+
+CURVE_STEPS = (100, 200, 400, 800, 1600)
+CURVE_DIR = "runs/learning_curve"
+CURVE_PAPER_TOKENS = 10_000 * 16 * 4096  # the paper: 10,000 steps of 16 sequences of up to 4,096 tokens
+
+
+def study_curve(a):
+    d = Path(a.out_dir or CURVE_DIR)
+    steps = [n for n in CURVE_STEPS if a.max_steps is None or n <= a.max_steps]
+
+    def train_cmd(n):  # resumes a run that stopped (its checkpoint), else starts it over
+        run = d / f"steps{n}"
+        again = ["--resume", "true"] if (run / "ckpt.pt").exists() else ["--overwrite", "true"]
+        return [PY, "train_stage1.py", "--max_iters", str(n), "--out_dir", str(run), "--threads", "1", *again]
+
+    def shortgpt_cmd(n):  # as many blocks removed as train_stage1.py matched to the run's sparsity
+        blocks = read(d / f"steps{n}" / "summary.json")["shortgpt_blocks"]
+        return eval_cmd(d / f"shortgpt-steps{n}.json", "--shortgpt", blocks, "--tasks", "none")
+
+    jobs = [Job("dense", eval_cmd(d / "dense.json", "--tasks", "none"), d / "dense.json")]
+    for n in steps[-1:] + steps[:-1]:  # the longest first (it sets when the study ends), beside the others in order
+        jobs.append(Job(f"train-steps{n}", lambda n=n: train_cmd(n), d / f"steps{n}" / "summary.json"))
+        jobs.append(Job(f"eval-steps{n}", eval_cmd(d / f"eval-steps{n}.json", "--model", d / f"steps{n}", "--tasks", "none"),
+                        d / f"eval-steps{n}.json", [f"train-steps{n}"]))
+        jobs.append(Job(f"shortgpt-steps{n}", lambda n=n: shortgpt_cmd(n), d / f"shortgpt-steps{n}.json", [f"train-steps{n}"]))
+    failed = set() if a.report_only else run_jobs(jobs, a.jobs, d / "logs")
+
+    points = []
+    for n in steps:
+        files = [d / f"steps{n}" / "summary.json", d / f"eval-steps{n}.json", d / f"shortgpt-steps{n}.json"]
+        if all(f.exists() for f in files):
+            run, ev, short = map(read, files)
+            points.append({"steps": n, "tokens": n * 4 * 128, "run": run, "eval": ev, "shortgpt": short})
+    if not points or not (d / "dense.json").exists():
+        raise UserError(f"no finished point of the learning curve in {d} yet; run python experiments.py curve")
+    dense = read(d / "dense.json")
+    lines = ["| steps | training tokens | training time | block params skipped (held-out) | held-out ppl: routed | "
+             "routed / dense | ShortGPT at that sparsity | ShortGPT / routed | LAMBADA: routed | LAMBADA: ShortGPT | "
+             "plays: routed | factual answers kept |", "|" + "---|" * 12]
+    for p in points:
+        r, ev, sh = p["run"], p["eval"], p["shortgpt"]
+        p["ratio"] = r["val_ppl_routed"] / r["val_ppl_dense"]
+        p["shortgpt_ratio"] = r["val_ppl_shortgpt"] / r["val_ppl_dense"]
+        lines.append(f"| {p['steps']} | {p['tokens']:,} | {r['train_seconds'] / 60:.0f} min | {r['val_param_sparsity']:.3f} | "
+                     f"{r['val_ppl_routed']:.1f} | {p['ratio']:.2f}x | {r['shortgpt_blocks']} blocks: {r['val_ppl_shortgpt']:.1f} | "
+                     f"{r['val_ppl_shortgpt'] / r['val_ppl_routed']:.2f}x | {ev['ppl']['lambada']:.1f} | "
+                     f"{sh['ppl']['lambada']:.1f} | {ev['ppl']['shakespeare']:.1f} | {ev['knowledge']:.0%} |")
+    lines.append(f"| dense | | | 0 | {points[0]['run']['val_ppl_dense']:.1f} | 1.00x | | | {dense['ppl']['lambada']:.1f} | | "
+                 f"{dense['ppl']['shakespeare']:.1f} | 100% |")
+    fit = None
+    if len(points) >= 3:  # routed / dense - 1 = c * tokens^-b, least squares in log-log
+        x = np.log([p["tokens"] for p in points])
+        y = np.log([p["ratio"] - 1 for p in points])
+        slope, intercept = np.polyfit(x, y, 1)
+        predict = lambda tokens: 1 + math.exp(intercept + slope * math.log(tokens))  # noqa: E731
+        fit = {"exponent": -slope, "coefficient": math.exp(intercept), "paper_tokens": CURVE_PAPER_TOKENS, "ratio_at_paper_tokens": predict(CURVE_PAPER_TOKENS),
+               "tokens_for_1.5x": math.exp((math.log(0.5) - intercept) / slope) if slope < 0 else None}
+        lines.append(f"\nFit (an extrapolation, not a measurement): routed / dense - 1 ~ tokens^{slope:.3f} over "
+                     f"{len(points)} points; at the paper's {CURVE_PAPER_TOKENS / 1e6:.0f}M tokens it predicts "
+                     f"{fit['ratio_at_paper_tokens']:.2f}x dense" + (f"; 1.5x at {fit['tokens_for_1.5x'] / 1e6:.2f}M tokens "
+                     f"({fit['tokens_for_1.5x'] / 512:,.0f} steps of 4 x 128)" if fit["tokens_for_1.5x"] else "") + ".")
+    lines.append(f"\nHeld-out general text: {points[0]['run']['val_ppl_dense']:.1f} dense perplexity; every run's own "
+                 f"calibrated offset; ShortGPT removes the lowest-Block-Influence blocks. LAMBADA and the plays: eval.py "
+                 f"--tasks none. Factual answers kept: tasks.KNOWLEDGE's prompts answered as dense answers them.")
+    figure = Path("docs/learning_curve.png") if a.out_dir is None else d / "learning_curve.png"
+    plot_curve(points, fit, figure)
+    summary = {"points": [{"steps": p["steps"], "tokens": p["tokens"], "train_seconds": p["run"]["train_seconds"],
+                           "param_sparsity": p["run"]["val_param_sparsity"], "ppl_routed": p["run"]["val_ppl_routed"],
+                           "ppl_dense": p["run"]["val_ppl_dense"], "ratio": p["ratio"],
+                           "shortgpt_blocks": p["run"]["shortgpt_blocks"], "ppl_shortgpt": p["run"]["val_ppl_shortgpt"],
+                           "lambada_routed": p["eval"]["ppl"]["lambada"], "lambada_shortgpt": p["shortgpt"]["ppl"]["lambada"],
+                           "plays_routed": p["eval"]["ppl"]["shakespeare"], "knowledge": p["eval"]["knowledge"]}
+                          for p in points],
+               "fit": fit, "missing": [n for n in steps if n not in {p["steps"] for p in points}], "failed": sorted(failed)}
+    write_study(d, "learning_curve", "\n".join(lines), summary, figure)
+
+
+def plot_curve(points, fit, path):
+    import plots  # noqa: F401  (Agg backend)
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    tokens = [p["tokens"] for p in points]
+    a.plot(tokens, [p["ratio"] for p in points], "o-", label="SkipGPT routed (25% of block parameters)")
+    a.plot(tokens, [p["shortgpt_ratio"] for p in points], "^--", label="ShortGPT at the same sparsity")
+    a.axhline(1.0, color="k", lw=0.8, label="dense")
+    if fit is not None:
+        xs = np.geomspace(tokens[0], tokens[-1] * 8, 50)
+        a.plot(xs, [1 + fit["coefficient"] * x ** -fit["exponent"] for x in xs], ":", color="gray",
+               label=f"power-law fit (extrapolated beyond {tokens[-1]:,})")
+    a.set_xscale("log"), a.set_xlabel("stage-1 training tokens (log)"), a.set_ylabel("held-out perplexity / dense")
+    b.plot(tokens, [100 * p["eval"]["knowledge"] for p in points], "o-")
+    b.set_xscale("log"), b.set_xlabel("stage-1 training tokens (log)"), b.set_ylabel("factual answers kept (%)")
+    b.set_ylim(0, 100)
+    for ax in (a, b):
+        ax.grid(alpha=0.3, which="both")
+    a.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M, stage 1 at 25%: the gap to dense against training tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
 # The ablation study
 
 ABLATIONS = [  # (row, what it tests, train_stage1.py flags; None: stage 2 on the default row's routers)
@@ -617,7 +731,7 @@ def plot_ablations(rows, speeds, ref, path, quick):
 
 def parse_args(argv=None):
     p = ArgumentParser(__doc__)
-    p.add_argument("study", choices=["results", "headline", "ablations"])
+    p.add_argument("study", choices=["results", "headline", "ablations", "curve"])
     p.add_argument("--quick", action="store_true", help="ablations: the classroom form (" + " ".join(QUICK_TRAIN + QUICK_STAGE1) + "; no zero-shot, no speed)")
     p.add_argument("--rows", nargs="+", default=[r[0] for r in ABLATIONS],
                    help="ablations: only these rows (and the default row, always): "
@@ -631,6 +745,8 @@ def parse_args(argv=None):
                    help="ablations: zero-shot evaluations of the rows that get them (false: perplexity and speed only)")
     p.add_argument("--full_dir", default="out/ablations", help="ablations --quick: the full study to rank the quick form against")
     p.add_argument("--rerun_evals", action="store_true", help="evaluate again even where results exist")
+    p.add_argument("--max_steps", type=int, default=None, help="curve: only the points up to this many steps")
+    p.add_argument("--report_only", action="store_true", help="curve: train nothing, report the finished points")
     a = p.parse_args(argv)
     if a.limit < 1:
         raise UserError("--limit must be >= 1")
@@ -649,7 +765,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
-    {"results": study_results, "headline": study_headline, "ablations": study_ablations}[a.study](a)
+    {"results": study_results, "headline": study_headline, "ablations": study_ablations, "curve": study_curve}[a.study](a)
 
 
 if __name__ == "__main__":

