@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import assets
+import fast
 from checkpoint import load, rel_to_root
 import tasks
 from common import ensure_data, load_split, setup_device, val_windows
@@ -121,7 +122,7 @@ def main(argv=None):
     device, _, ctx = setup_device(a.device, "float32")
     path = Path(a.model) if a.model else next(p for p in (Path("out/stage1"), assets.ROOT / "pretrained/stage1-smollm2-135m")
                                               if (p / "config.json").exists())
-    model = merge_lora(load(path, device=device)).fuse_weights()
+    model = fast.accelerate(merge_lora(load(path, device=device)))
     if model.router_cfg is None:
         raise UserError(f"{path} has no routers; give a stage-1 or stage-2 run: --model out/stage1")
     tok = model.tokenizer

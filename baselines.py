@@ -8,7 +8,6 @@ transformers? Not all attention is needed", arXiv 2406.15786) removes the attent
 whose input and output are most similar. Both are static: every token loses the same modules.
 The pruned models really lack the removed modules, so they also run faster (bench.py).
 """
-import copy
 import math
 
 import torch
@@ -16,29 +15,40 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import cached_reference, evaluate
+from model import shallow_copy
 
 
 @torch.no_grad()
 def similarities(model, windows, batch_size=8):
     """Mean cosine similarity per block between (block input, block output) and between
-    (attention input, attention output), i.e. x vs h = x + attn(...). -> (block_cos, attn_cos), (L,) each."""
+    (attention input, attention output), i.e. x vs h = x + attn(...). -> (block_cos, attn_cos), (L,) each.
+    The dense forward runs as it is; hooks read each block's input, attention output and output."""
     L = model.args.n_layers
     block_cos, attn_cos, n = torch.zeros(L), torch.zeros(L), 0
+    seen = {}  # (block, "block" | "attention") -> what its forward hook saw in the last batch
+
+    def recorder(l, part):
+        def record(module, args, output):
+            seen[l, part] = (args[0], output[0]) if part == "block" else output  # block: (input, output)
+        return record
+    handles = [m.register_forward_hook(recorder(l, part)) for l, layer in enumerate(model.layers)
+               for m, part in ((layer, "block"), (layer.attention, "attention"))]
     was_training = model.training
     model.eval()
-    for i in range(0, len(windows), batch_size):
-        tokens = windows[i:i + batch_size, :-1].to(model.tok_embeddings.weight.device)
-        T = tokens.shape[1]
-        cos, sin = model._rope(T, tokens.device)
-        x = model.tok_embeddings(tokens)
-        for l, layer in enumerate(model.layers):
-            h = x + layer.attention(layer.attention_norm(x), cos[:T], sin[:T])
-            out = h + layer.feed_forward(layer.ffn_norm(h))
-            attn_cos[l] += F.cosine_similarity(x.float(), h.float(), dim=-1).sum().cpu()
-            block_cos[l] += F.cosine_similarity(x.float(), out.float(), dim=-1).sum().cpu()
-            x = out
-        n += tokens.numel()
-    model.train(was_training)
+    try:
+        for i in range(0, len(windows), batch_size):
+            tokens = windows[i:i + batch_size, :-1].to(model.tok_embeddings.weight.device)
+            model(tokens)
+            for l in range(L):
+                x, out = (t.float() for t in seen[l, "block"])
+                h = x + seen[l, "attention"].float()                                   # (B, T, dim)
+                attn_cos[l] += F.cosine_similarity(x, h, dim=-1).sum().cpu()
+                block_cos[l] += F.cosine_similarity(x, out, dim=-1).sum().cpu()
+            n += tokens.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
     return block_cos / n, attn_cos / n
 
 
@@ -60,10 +70,7 @@ def drop_attention(model, drop):
     layers = []
     for i, layer in enumerate(model.layers):
         if i in set(drop):
-            layer = copy.copy(layer)
-            nn.Module.__init__(layer)
-            for name, module in model.layers[i].named_children():
-                setattr(layer, name, module)
+            layer = shallow_copy(layer)
             layer.attention = NoAttention()
         layers.append(layer)
     pruned.layers = nn.ModuleList(layers)

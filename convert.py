@@ -60,6 +60,37 @@ GGUF_NAMES = {
 }
 
 
+def model_args_from_hf(cfg: dict) -> ModelArgs:
+    """From a Hugging Face config.json (published Llama 3.x form or transformers' newer form)."""
+    if cfg.get("model_type") != "llama":
+        raise UserError(f"not a Llama config: model_type is {cfg.get('model_type')!r}, expected 'llama'")
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            raise UserError(f"unsupported Llama variant: config sets {flag}=true (this model has no biases)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UserError(f"unsupported activation {cfg['hidden_act']!r}: Llama uses silu")
+    # rope settings: "rope_theta" + "rope_scaling" (Llama 3.x files) or "rope_parameters" (newer transformers)
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    if rope_type == "default":
+        scaling = None
+    elif rope_type == "llama3":
+        scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                        "original_max_position_embeddings")}
+    else:
+        raise UserError(f"unsupported rope_type {rope_type!r} (supported: default, llama3)")
+    n_heads = cfg["num_attention_heads"]
+    return ModelArgs(
+        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+        hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+        max_seq_len=cfg.get("max_position_embeddings", 2048),
+        tie_embeddings=cfg.get("tie_word_embeddings", False))
+
+
 def expected_shapes(args: ModelArgs):
     """Meta name -> shape, in nn.Linear's (out, in) layout."""
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
@@ -111,7 +142,7 @@ def convert_hf(hf_dir, out_dir, overwrite=False):
     if not (hf_dir / "config.json").exists():
         raise UserError(f"{hf_dir} has no config.json: expected a Hugging Face Llama model directory")
     cfg = json.loads((hf_dir / "config.json").read_text())
-    args = ModelArgs.from_hf_config(cfg)
+    args = model_args_from_hf(cfg)
     index = hf_dir / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))

@@ -60,6 +60,7 @@ from tqdm import tqdm
 
 import baselines
 import checkpoint
+import fast
 import tasks
 from checkpoint import load
 from common import calibration_windows, ensure_data, evaluate, load_split, parse_bool, setup_device, val_windows
@@ -395,7 +396,7 @@ def static_baseline(a):
 def build(a, path, base_path, device, ctx):
     """-> (model, label, routing factory or None, info dict). Static baselines start from the dense base."""
     if not static_baseline(a):
-        model = merge_lora(load(path, device=device)).fuse_weights()  # inference: LoRA folded in, fused matmuls
+        model = fast.engine(merge_lora(load(path, device=device)), a.engine)  # inference: LoRA folded in
         label = checkpoint.rel_to_root(path)
         if model.router_cfg is None and getattr(model, "removed_blocks", None):  # train_stage2.py --shortgpt N
             removed = model.removed_blocks
@@ -432,7 +433,7 @@ def build(a, path, base_path, device, ctx):
                           lambda: Routing(mode="hard", offset=offset), ctx=ctx, device=device)
             matched = {"param_sparsity": st["param_sparsity"], "source": checkpoint.rel_to_root(path)}
             del routed
-    model = load(base_path, device=device).fuse_weights()
+    model = fast.engine(load(base_path, device=device), a.engine)
     n_attention = a.attention_drop
     if matched is not None and a.attention_drop_match:
         n_attention, matched["on"] = attention_modules_for(model.args, matched["param_sparsity"], a.match_modules)
@@ -535,6 +536,8 @@ def timed(times, name):
 def parse_args(argv=None):
     p = ArgumentParser(__doc__)
     p.add_argument("--model", default=None, help="converted model, stage-1 or stage-2 run (default: the bundled SmolLM2-135M)")
+    p.add_argument("--engine", choices=fast.ENGINES, default="fast",
+                   help="fast: the inference engine (fast.py) | reference: model.py's simple path (same results)")
     p.add_argument("--shortgpt", type=int, default=0, help="evaluate ShortGPT: remove this many lowest-BI blocks of the base model")
     p.add_argument("--shortgpt_match", action="store_true",
                    help="ShortGPT with as many blocks as --match_sparsity, or as the routed --model skips on calibration text")

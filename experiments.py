@@ -74,6 +74,7 @@ import assets
 import baselines
 import bench
 import eval as eval_mod
+import fast
 import tasks
 from analyze import general_windows
 from checkpoint import load, resolve
@@ -163,7 +164,7 @@ def read(path):
 def timed_model(path, offset=None):
     """A converted model or a run, ready to time: LoRA merged in, routed on the fast path at `offset`
     (default: the run's own). -> (model, routing factory or None)"""
-    model = merge_lora(load(path)).fuse_weights()
+    model = fast.accelerate(merge_lora(load(path)))
     if model.router_cfg is None:
         return model, None
     offset = model.routing_offset if offset is None else offset
@@ -173,9 +174,9 @@ def timed_model(path, offset=None):
 def load_for_speed(result, base_path):
     """The model an eval.py result describes (its "model" is the evaluated path), ready to time."""
     if result["kind"] == "shortgpt":
-        return load(base_path).fuse_weights().without_blocks(result["removed_blocks"]), None
+        return fast.accelerate(load(base_path)).without_blocks(result["removed_blocks"]), None
     if result["kind"] == "attention_drop":
-        return baselines.drop_attention(load(base_path).fuse_weights(), result["dropped_attention"]), None
+        return baselines.drop_attention(fast.accelerate(load(base_path)), result["dropped_attention"]), None
     return timed_model(resolve(result["model"]), result.get("offset"))
 
 

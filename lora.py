@@ -5,7 +5,7 @@ A frozen weight W (out, in) gets a trainable low-rank update, and the layer comp
     y = x W^T + (alpha / r) * B A dropout(x)        A (r, in): Kaiming-uniform, B (out, r): zeros
 
 so a fresh adapter changes nothing (B = 0) and only r * (in + out) numbers train per layer.
-LoRALinear subclasses nn.Linear (model.Linear), so the base weight keeps its name (layers.0.attention.wq.weight):
+LoRALinear subclasses nn.Linear, so the base weight keeps its name (layers.0.attention.wq.weight):
 base checkpoints load unchanged, and the adapter adds lora_A / lora_B beside it. merge() folds
 the update into W for inference (W += scale * B A) and unmerge() takes it out again; both are
 explicit calls, never a side effect of .train() / .eval() (the loralib pitfall).
@@ -25,12 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import UserError
-from model import Linear
 
 DEFAULT_TARGETS = ("wq", "wv", "w1")
 
 
-class LoRALinear(Linear):
+class LoRALinear(nn.Linear):
     def __init__(self, in_features, out_features, r=16, alpha=32, dropout=0.0, bias=False, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         if r <= 0:
@@ -75,7 +74,7 @@ class LoRALinear(Linear):
     @torch.no_grad()
     def unmerge(self):
         if getattr(self, "fused_view", False):
-            raise UserError("this layer's weight is part of an inference-fused matrix (model.fuse_weights); "
+            raise UserError("this layer's weight is part of an inference-fused matrix (fast.accelerate); "
                             "load the model again to unmerge its LoRA")
         if self.merged:
             self.weight -= self.delta().to(self.weight.dtype)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import fast
 from checkpoint import load
 from convert import ensure_default_model
 from errors import ArgumentParser, UserError, cli
@@ -44,7 +45,9 @@ def parse_args(argv=None):
                    help="route the way training does (every sublayer runs, skipped outputs x 0) instead of really skipping")
     p.add_argument("--no_cache", action="store_true", help="recompute the whole prefix every step (slow reference)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoding steps: faster tokens after ~20-90 s of compiling (Transformer.compile_decoding)")
+                   help="torch.compile the decoding steps: faster tokens after ~20-90 s of compiling (fast.py)")
+    p.add_argument("--engine", choices=fast.ENGINES, default="fast",
+                   help="fast: fused, compiled-ready inference (fast.py) | reference: model.py's simple path")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     return p.parse_args(argv)
@@ -66,9 +69,8 @@ def main(argv=None):
         raise UserError("--temperature must be >= 0")
     device = "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
     source = a.routers or a.model or ensure_default_model()
-    model = merge_lora(load(source, device=device)).fuse_weights()  # inference: LoRA folded in, fused matmuls
-    if a.compile:
-        model.compile_decoding()  # (prints why, and stays eager, where torch.compile cannot run)
+    # inference: LoRA folded in; the engine's fused matmuls (and compiled decoding steps with --compile)
+    model = fast.engine(merge_lora(load(source, device=device)), a.engine, a.compile)
     tok = model.tokenizer
     if tok is None:
         raise UserError(f"{source} has no tokenizer; convert the model together with its tokenizer files")
