@@ -32,10 +32,32 @@ CALIB_WINDOWS = 8    # windows of training text (VAL_BLOCK tokens) that calibrat
 
 
 # ----------------------------------------------------------------------------------------------
-# Settings: a dataclass whose fields (with a "help" in their metadata) become command-line flags
+# Settings: a dataclass whose fields become command-line flags. A field declares its default, its help
+# and the values it allows; check_settings enforces them, the one place settings are validated.
 
-def setting(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
+RULES = {  # what a number setting `must_be`, in the words of its error message: --alpha must be >= 0
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "> 0": lambda v: v > 0,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    f"in 1..{CALIB_WINDOWS}": lambda v: 1 <= v <= CALIB_WINDOWS,
+    "non-empty": lambda v: any(part.strip() for part in v.split(",")),
+}
+
+
+def setting(default, help, choices=None, must_be=None):
+    """A settings field: its default, its --help, and what it allows (one of `choices`, or a RULES key)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "must_be": must_be})
+
+
+def check_settings(s):
+    """The first value its field does not allow -> a one-line UserError naming the flag."""
+    for f in dataclasses.fields(s):
+        value, choices, must_be = getattr(s, f.name), f.metadata.get("choices"), f.metadata.get("must_be")
+        if choices is not None and value not in choices:
+            raise UserError(f"--{f.name} must be one of {', '.join(choices)}, got {value!r}")
+        if must_be is not None and not RULES[must_be](value):
+            raise UserError(f"--{f.name} must be {must_be}, got {value!r}")
 
 
 def parse_bool(s):
@@ -47,30 +69,18 @@ def parse_bool(s):
 
 
 def parse_settings(cls, description, argv=None, presets=None):
-    """Build an argparse parser from a settings dataclass, parse argv, return an instance.
+    """A flag for every field of the settings dataclass cls; parse argv. -> (settings, names of the flags given).
 
-    presets: {name: {field: value}} selected with --recipe NAME, applied before explicit flags.
+    presets: {name: {field: value}} chosen with --recipe NAME, under the flags given.
     """
     parser = ArgumentParser(description)
     for f in dataclasses.fields(cls):
-        kind = type(f.default)
-        if f.type in ("bool", bool) or kind is bool:
-            parser.add_argument(f"--{f.name}", type=parse_bool, default=None, metavar="BOOL",
-                                help=f"{f.metadata.get('help', '')} (default: {f.default})")
-        else:
-            conv = {int: int, float: float}.get(kind, str)
-            choices = f.metadata.get("choices")
-            parser.add_argument(f"--{f.name}", type=conv, default=None, choices=choices,
-                                help=f"{f.metadata.get('help', '')} (default: {f.default})")
-    ns = parser.parse_args(argv)
-    values = {}
-    recipe = getattr(ns, "recipe", None) or getattr(cls, "recipe", None)
-    if presets is not None and recipe is not None:
-        if recipe not in presets:
-            raise UserError(f"unknown recipe {recipe!r}; choose one of {sorted(presets)}")
-        values.update(presets[recipe])
-    values.update({k: v for k, v in vars(ns).items() if v is not None})
-    return cls(**values), {k for k, v in vars(ns).items() if v is not None}
+        kind = {bool: parse_bool, int: int, float: float}.get(type(f.default), str)
+        parser.add_argument(f"--{f.name}", type=kind, default=None, metavar="BOOL" if kind is parse_bool else None,
+                            help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))  # argparse formats %
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    preset = (presets or {}).get(given.get("recipe", getattr(cls, "recipe", None)), {})
+    return cls(**(preset | given)), set(given)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,11 +251,6 @@ def lr_at(it, max_iters, lr, schedule, warmup_iters, min_lr_frac=0.1):
         return lr * (it + 1) / warmup_iters
     progress = (it - warmup_iters) / max(1, max_iters - warmup_iters)
     return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def linear(it, max_iters, start, end):
-    """Linear interpolation from start (step 0) to end (last step)."""
-    return start + (end - start) * min(1.0, it / max(1, max_iters - 1))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,13 +2,14 @@
 
 Before every attention and every MLP sublayer sits a router: a tiny linear map from the residual
 stream to two logits, index 0 = execute, index 1 = skip. The gate turns the logits into a 0/1
-decision per token. A block then reads (model.py, Block.forward):
+decision per token. A block then reads (model.py, TransformerBlock.forward):
 
     h   = x + g_attn * Attention(attention_norm(x))
     out = h + g_mlp  * MLP(ffn_norm(h))
 
 Training uses a hard Gumbel-softmax with a straight-through gradient; inference is deterministic.
-One global budget says what fraction of (token, module) pairs may be skipped (sparsity_loss).
+One global budget says what share of the block parameters the tokens may skip (sparsity_loss; the
+paper counts skipped (token, module) pairs instead: weighting "modules").
 
 References:
 - SkipGPT (Zhao et al., ICML 2025), arXiv 2506.04179; authors' code github.com/EIT-NLP/SkipGPT
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 
 @dataclass
 class RouterConfig:
+    """How the routers are built and applied. Plain data: the flags that fill it are checked with the
+    other settings (train_stage1.Settings), and a run's config.json holds only values that passed."""
     kind: str = "linear"        # linear: nn.Linear(dim, 2) as in the paper | mlp: dim -> dim/4 -> 2 (authors' code)
     mlp_input: str = "block"    # what the MLP router reads: block input x (authors' code) | post_attn h (paper's wording)
     normalize: bool = True      # parameter-free RMS norm of the router input (the raw stream has norms ~100-700)
@@ -31,12 +34,6 @@ class RouterConfig:
     kv: str = "keep"            # K/V of a token that skips attention: keep (computed, attended to) | evict
     protect_first: int = 2      # the first blocks always execute (block 0's MLP makes the massive activations)
     protect_first_tokens: int = 1  # the first tokens of a sequence always execute (the first is the attention sink)
-
-    def __post_init__(self):
-        for name, allowed in [("kind", ("linear", "mlp")), ("mlp_input", ("block", "post_attn")),
-                              ("init", ("execute", "paper")), ("kv", ("keep", "evict"))]:
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"router {name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     def to_dict(self):
         return asdict(self)

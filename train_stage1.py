@@ -29,13 +29,25 @@ import lora
 import plots
 from baselines import shortgpt_matched
 from checkpoint import load
-from common import CALIB_WINDOWS, calibration_windows, dense_val_loss, evaluate, linear, parse_settings, setting
+from common import CALIB_WINDOWS, calibration_windows, dense_val_loss, evaluate, parse_settings, setting
 from convert import ensure_default_model
 from errors import UserError, cli
 from router import RouterConfig, Routing, calibrate_offset, sparsity_loss
-from training import TrainSettings, check_choices, train
+from training import TrainSettings, train
 
 DEFAULT_MODEL = "checkpoints/smollm2-135m"  # converted on first use (convert.py --default)
+
+
+# The paper's recipe, as its text states it (--recipe paper): raw residual input, Kaiming weight + zero
+# bias, module-count sparsity, alpha 8, constant lr 2e-3, CE loss, no warm-up, no protected blocks or
+# tokens, the MLP router reading the post-attention state, no calibration, and validation under sampled
+# gates beside the deterministic one. Where the authors' code differs, README's deviations table says so.
+RECIPES = {
+    "skipgpt": {},
+    "paper": dict(router_norm=False, router_init="paper", weighting="modules", alpha=8.0, learning_rate=2e-3,
+                  lr_schedule="constant", warmup_iters=0, weight_decay=0.01, distill=False, sparsity_warmup=0.0,
+                  protect_first=0, protect_first_tokens=0, mlp_input="post_attn", calibrate=False, val_sampled=True),
+}
 
 
 @dataclass
@@ -43,58 +55,47 @@ class Settings(TrainSettings):
     # -- what and where
     out_dir: str = setting("out/stage1", "run directory (router weights, settings, log, figures)")
     init_from: str = setting(DEFAULT_MODEL, "converted base model directory")
-    recipe: str = setting("skipgpt", "skipgpt: defaults that work in a short CPU run | paper: the paper's literal recipe")
+    recipe: str = setting("skipgpt", "skipgpt: defaults that work in a short CPU run | paper: the paper's literal recipe",
+                          choices=tuple(RECIPES))
     # -- the method
-    target_sparsity: float = setting(0.25, "share of block parameters (or modules, see weighting) to skip")
-    alpha: float = setting(8.0, "weight of the sparsity loss alpha * |target - s| (paper 8, authors' code 20)")
-    weighting: str = setting("params", "sparsity counts skipped block parameters (params) or (token, module) pairs (modules)")
-    budget: str = setting("global", "one budget over all blocks (global) or every block on its own (per_layer)")
-    sparsity_warmup: float = setting(0.3, "ramp the target up from 0 over this fraction of the steps (0 = off)")
+    target_sparsity: float = setting(0.25, "share of block parameters (or modules, see weighting) to skip",
+                                     must_be="in [0, 1)")
+    alpha: float = setting(8.0, "weight of the sparsity loss alpha * |target - s| (paper 8, authors' code 20)",
+                           must_be=">= 0")
+    weighting: str = setting("params", "sparsity counts skipped block parameters (params) or (token, module) pairs "
+                                       "(modules)", choices=("params", "modules"))
+    budget: str = setting("global", "one budget over all blocks (global) or every block on its own (per_layer)",
+                          choices=("global", "per_layer"))
+    sparsity_warmup: float = setting(0.3, "ramp the target up from 0 over this fraction of the steps (0 = off)",
+                                     must_be="in [0, 1)")
     distill: bool = setting(True, "task loss = KL(dense model || routed model) instead of cross-entropy")
-    tau_start: float = setting(5.0, "Gumbel temperature at the first step")
-    tau_end: float = setting(1.0, "Gumbel temperature at the last step")
-    router_kind: str = setting("linear", "linear (dim -> 2) | mlp (dim -> dim/4 -> 2, the authors' code)")
+    tau_start: float = setting(5.0, "Gumbel temperature at the first step", must_be="> 0")
+    tau_end: float = setting(1.0, "Gumbel temperature at the last step", must_be="> 0")
+    router_kind: str = setting("linear", "linear (dim -> 2) | mlp (dim -> dim/4 -> 2, the authors' code)",
+                               choices=("linear", "mlp"))
     mlp_input: str = setting("block", "MLP router reads the block input (block, the authors' code) or the "
-                                      "post-attention state (post_attn, the paper's text)")
+                                      "post-attention state (post_attn, the paper's text)", choices=("block", "post_attn"))
     router_norm: bool = setting(True, "RMS-normalize the router input (the raw stream has norms ~100-700)")
-    router_init: str = setting("execute", "execute: bias (+2, -2) so ~2% skip at start | paper: zero bias")
-    kv: str = setting("keep", "K/V of a token that skips attention: keep (still attended to) | evict")
+    router_init: str = setting("execute", "execute: bias (+2, -2) so ~2% skip at start | paper: zero bias",
+                               choices=("execute", "paper"))
+    kv: str = setting("keep", "K/V of a token that skips attention: keep (still attended to) | evict",
+                      choices=("keep", "evict"))
     protect_first: int = setting(2, "the first N blocks always execute")
     protect_first_tokens: int = setting(1, "the first N tokens of a sequence always execute (the first is the "
                                            "attention sink every later token reads)")
     calibrate: bool = setting(True, "after training, calibrate a logit offset so deterministic routing hits the target")
-    calib_windows: int = setting(CALIB_WINDOWS, "windows of 256 training tokens the offset calibration measures (fewer: quicker, "
-                                    "a less exact offset; experiments.py ablations --quick)")
+    calib_windows: int = setting(CALIB_WINDOWS, "windows of 256 training tokens the offset calibration measures (fewer: "
+                                                "quicker, a less exact offset; experiments.py ablations --quick)",
+                                 must_be=f"in 1..{CALIB_WINDOWS}")
     val_sampled: bool = setting(False, "also validate under Gumbel-sampled gates (how the authors' code evaluates)")
     gate_estimator: str = setting("ste", "gradient of the hard Gumbel gates: ste (straight-through, the method) | "
-                                         "soft (relaxed gates in training) | none (no gradient: what breaks without STE)")
+                                         "soft (relaxed gates in training) | none (no gradient: what breaks without STE)",
+                                  choices=("ste", "soft", "none"))
     joint_lora_r: int = setting(0, "one-stage training: also train LoRA of this rank (wq, wv, w1) with the routers "
-                                   "(the paper's 'joint' ablation); 0 = off, the two-stage method")
+                                   "(the paper's 'joint' ablation); 0 = off, the two-stage method", must_be=">= 0")
     joint_lora_lr: float = setting(2e-4, "learning rate of the jointly trained LoRA (stage 2's)")
-    # -- optimization
-    learning_rate: float = setting(2e-3, "AdamW learning rate (paper 2e-3)")
-    lr_schedule: str = setting("constant", "constant (paper) | cosine (with warmup_iters of linear warmup)")
+    # -- optimization (and the shared ones: training.TrainSettings)
     warmup_iters: int = setting(0, "linear learning-rate warmup steps (cosine schedule)")
-    weight_decay: float = setting(0.01, "AdamW weight decay (paper 0.01)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 <= self.target_sparsity < 1:
-            raise UserError(f"--target_sparsity must be in [0, 1), got {self.target_sparsity}")
-        if self.alpha < 0:
-            raise UserError(f"--alpha must be >= 0, got {self.alpha}")
-        check_choices(self, [("recipe", RECIPES), ("weighting", ("params", "modules")), ("budget", ("global", "per_layer")),
-                             ("router_kind", ("linear", "mlp")), ("mlp_input", ("block", "post_attn")),
-                             ("router_init", ("execute", "paper")), ("kv", ("keep", "evict")),
-                             ("gate_estimator", ("ste", "soft", "none"))])
-        if not 0 <= self.sparsity_warmup < 1:
-            raise UserError(f"--sparsity_warmup must be in [0, 1), got {self.sparsity_warmup}")
-        if not 1 <= self.calib_windows <= CALIB_WINDOWS:
-            raise UserError(f"--calib_windows must be in 1..{CALIB_WINDOWS}, got {self.calib_windows}")
-        if self.joint_lora_r < 0:
-            raise UserError(f"--joint_lora_r must be >= 0 (0 = off), got {self.joint_lora_r}")
-        if self.tau_start <= 0 or self.tau_end <= 0:
-            raise UserError("--tau_start and --tau_end must be > 0")
 
     def warmup_steps(self):
         return self.warmup_iters
@@ -109,21 +110,9 @@ class Settings(TrainSettings):
                 "dropout": 0.1}
 
 
-# The paper's recipe, as its text states it: raw residual input, Kaiming weight + zero bias,
-# module-count sparsity, alpha 8, constant lr 2e-3, CE loss, no warm-up, no protected blocks or tokens, the
-# MLP router reading the post-attention state, no calibration, and validation under sampled gates
-# beside the deterministic one. Where the authors' code differs, README's deviations table says so.
-RECIPES = {
-    "skipgpt": {},
-    "paper": dict(router_norm=False, router_init="paper", weighting="modules", alpha=8.0, learning_rate=2e-3,
-                  lr_schedule="constant", warmup_iters=0, weight_decay=0.01, distill=False, sparsity_warmup=0.0,
-                  protect_first=0, protect_first_tokens=0, mlp_input="post_attn", calibrate=False, val_sampled=True),
-}
-
-
 def tau_at(it, s):
     """Gumbel temperature at step it: linear from tau_start (first step) to tau_end (last step)."""
-    return linear(it, s.max_iters, s.tau_start, s.tau_end)
+    return s.tau_start + (s.tau_end - s.tau_start) * min(1.0, it / max(1, s.max_iters - 1))
 
 
 def target_at(it, s):

@@ -37,7 +37,7 @@ from common import (calibration_windows, dense_val_loss, ensure_data, evaluate, 
 from convert import ensure_default_model
 from errors import UserError, cli
 from router import Routing, routing_stats
-from training import TrainSettings, check_choices, train, val_routing
+from training import LR_SCHEDULES, TrainSettings, train, val_routing
 
 STAGE1_RUN = "out/stage1"                         # where train_stage1.py writes by default
 PRETRAINED_STAGE1 = "pretrained/stage1-smollm2-135m"  # the routers that ship with the project
@@ -50,34 +50,25 @@ class Settings(TrainSettings):
     init_from: str = setting("auto", f"stage-1 run to start from (auto: {STAGE1_RUN} if it exists, else {PRETRAINED_STAGE1})")
     dense: bool = setting(False, "the control: LoRA on the dense model (routing off) of init_from's base")
     shortgpt: int = setting(0, "the static control: LoRA on init_from's base without ShortGPT's N lowest-Block-"
-                               "Influence blocks (measured on the training text, as stage 1's ShortGPT row); 0 = off")
+                               "Influence blocks (measured on the training text, as stage 1's ShortGPT row); 0 = off",
+                            must_be=">= 0")
     merge: bool = setting(False, "after training, write out_dir/merged: base + LoRA folded into one model (with the routers)")
     # -- the method
-    gate: str = setting("hard", "training gates: hard (deterministic, with stage 1's offset) | sample (Gumbel, the authors' code)")
+    gate: str = setting("hard", "training gates: hard (deterministic, with stage 1's offset) | sample (Gumbel, the "
+                                "authors' code)", choices=("hard", "sample"))
     fast: bool = setting(True, "run each sublayer only on the tokens that execute it (false: the masked reference path)")
-    lora_r: int = setting(16, "LoRA rank")
+    lora_r: int = setting(16, "LoRA rank", must_be=">= 1")
     lora_alpha: float = setting(32.0, "LoRA alpha: the update is scaled by alpha / r")
-    lora_dropout: float = setting(0.1, "dropout on the LoRA branch input")
-    lora_targets: str = setting("wq,wv,w1", "comma-separated linear layers that get LoRA (Meta names: wq wk wv wo w1 w2 w3)")
+    lora_dropout: float = setting(0.1, "dropout on the LoRA branch input", must_be="in [0, 1)")
+    lora_targets: str = setting("wq,wv,w1", "comma-separated linear layers that get LoRA (Meta names: wq wk wv wo w1 "
+                                            "w2 w3)", must_be="non-empty")
     # -- optimization
     learning_rate: float = setting(2e-4, "AdamW learning rate (paper 2e-4)")
-    lr_schedule: str = setting("cosine", "cosine (paper, with warmup_frac of linear warmup) | constant")
-    warmup_frac: float = setting(0.1, "linear learning-rate warmup over this fraction of the steps (cosine schedule)")
+    lr_schedule: str = setting("cosine", "cosine (paper, with warmup_frac of linear warmup) | constant",
+                               choices=LR_SCHEDULES)
+    warmup_frac: float = setting(0.1, "linear learning-rate warmup over this fraction of the steps (cosine schedule)",
+                                 must_be="in [0, 1)")
     weight_decay: float = setting(0.0, "AdamW weight decay")
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_choices(self, [("gate", ("hard", "sample"))])
-        if self.shortgpt < 0:
-            raise UserError(f"--shortgpt takes a number of blocks to remove (0 = off), got {self.shortgpt}")
-        if self.lora_r < 1:
-            raise UserError(f"--lora_r must be >= 1, got {self.lora_r}")
-        if not 0 <= self.lora_dropout < 1:
-            raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not 0 <= self.warmup_frac < 1:
-            raise UserError(f"--warmup_frac must be in [0, 1), got {self.warmup_frac}")
-        if not self.targets():
-            raise UserError("--lora_targets is empty; name layers such as wq,wv,w1")
 
     def warmup_steps(self):
         return int(self.warmup_frac * self.max_iters)

@@ -32,35 +32,41 @@ from tqdm import tqdm
 import plots
 from checkpoint import (RUN_VERSION, atomic_save_tensors, atomic_torch_save, atomic_write_text, base_reference,
                         check_run_version, load_trained, read_config, read_resume_state)
-from common import (JsonlLog, VAL_WINDOWS, all_reduce_mean, ensure_data, evaluate, get_batch, load_split, lr_at,
-                    matmul_flops_per_s, model_flops_per_token, prepare_out_dir, setting, setup_ddp, setup_device, val_windows)
+from common import (JsonlLog, VAL_WINDOWS, all_reduce_mean, check_settings, ensure_data, evaluate, get_batch, load_split,
+                    lr_at, matmul_flops_per_s, model_flops_per_token, prepare_out_dir, setting, setup_ddp, setup_device,
+                    val_windows)
 from errors import UserError
 from router import Routing
 
 
+LR_SCHEDULES = ("constant", "cosine")  # lr_at
+
+
 @dataclass
 class TrainSettings:
-    """What every training run has; a stage's Settings add its own fields and may change defaults."""
+    """What every training run has; a stage's Settings add their own fields and may change defaults."""
     # -- what and where
     out_dir: str = setting("out/run", "run directory (trained weights, settings, log, figures)")
     data_dir: str = setting("data/general", "directory with train.bin / val.bin / meta.json (data/shakespeare: the plays)")
     resume: bool = setting(False, "continue the run in out_dir from its last checkpoint")
     overwrite: bool = setting(False, "replace an existing run in out_dir")
     # -- optimization
-    max_iters: int = setting(100, "optimizer steps")
-    batch_size: int = setting(4, "sequences per micro-batch")
-    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step (per process)")
-    block_size: int = setting(128, "tokens per training sequence")
+    max_iters: int = setting(100, "optimizer steps", must_be=">= 1")
+    batch_size: int = setting(4, "sequences per micro-batch", must_be=">= 1")
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step (per process)", must_be=">= 1")
+    block_size: int = setting(128, "tokens per training sequence", must_be=">= 1")
     learning_rate: float = setting(2e-3, "AdamW learning rate")
-    lr_schedule: str = setting("constant", "constant | cosine (with a linear warmup)")
+    lr_schedule: str = setting("constant", "constant | cosine (with a linear warmup)", choices=LR_SCHEDULES)
     weight_decay: float = setting(0.01, "AdamW weight decay")
     grad_clip: float = setting(1.0, "clip the gradient norm of what trains (0 = off)")
     # -- evaluation and logging
-    eval_interval: int = setting(50, "validate every N steps (and at the end)")
-    eval_iters: int = setting(12, "validation windows used by periodic validation (the final one uses all val_windows)")
+    eval_interval: int = setting(50, "validate every N steps (and at the end)", must_be=">= 1")
+    eval_iters: int = setting(12, "validation windows used by periodic validation (the final one uses all val_windows)",
+                              must_be=">= 1")
     val_windows: int = setting(VAL_WINDOWS, "held-out windows of the final validation, evenly spaced over the held-out "
-                                            "text (fewer: quicker and noisier; experiments.py ablations --quick)")
-    log_interval: int = setting(1, "log a training step every N steps")
+                                            "text (fewer: quicker and noisier; experiments.py ablations --quick)",
+                               must_be=">= 1")
+    log_interval: int = setting(1, "log a training step every N steps", must_be=">= 1")
     # -- system
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = setting("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
@@ -68,22 +74,10 @@ class TrainSettings:
     threads: int = setting(0, "CPU threads for torch (0 = torch's default)")
 
     def __post_init__(self):
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise UserError(f"--lr_schedule must be one of constant, cosine, got {self.lr_schedule!r}")
-        for name in ("max_iters", "batch_size", "gradient_accumulation_steps", "block_size", "eval_interval",
-                     "eval_iters", "val_windows", "log_interval"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        check_settings(self)  # every field's declared choices and range, for every stage
 
     def warmup_steps(self):
         return 0
-
-
-def check_choices(s, choices):
-    """choices: [(field, allowed values)]: one line naming the flag when a value is not allowed."""
-    for name, allowed in choices:
-        if getattr(s, name) not in allowed:
-            raise UserError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(s, name)!r}")
 
 
 def restore_settings(s, saved, explicit):

@@ -184,6 +184,8 @@ def test_existing_run_is_not_overwritten(tiny, tmp_path):
     (["--calib_windows", "0"], "calib_windows must be in 1..8"),
     (["--no_such_flag", "1"], "unrecognized arguments"),
     (["--weighting", "bytes"], "weighting must be one of"),
+    (["--recipe", "papers"], "^--recipe must be one of skipgpt, paper, got 'papers'$"),
+    (["--tau_end", "0"], "tau_end must be > 0"),
 ])
 def test_bad_settings_are_one_line_errors(tiny, tmp_path, flags, message):
     with pytest.raises(UserError, match=message):
