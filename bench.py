@@ -26,6 +26,19 @@ are read if any sequence of the batch executes it). efficiency = the share of th
 saving achieved, (t_dense - t) / (t_dense - t_dense / ideal) = (1 - 1 / speedup) / (1 - 1 / ideal).
 A speedup is the median of the repetitions' dense time / variant time (each pair from one repetition);
 tokens/s, the median of each variant's own times.
+Each speedup comes with a 95% confidence interval for that median, distribution-free (it assumes only
+that the repetitions' ratios are independent draws of one distribution): the order statistics
+[r(j), r(n+1-j)] of the n sorted ratios, with j the largest for which a Binomial(n, 1/2) count puts
+the median between them with probability >= 95% (median_interval). That needs n >= 6: with fewer
+repetitions (the default 5 for prefill 512 and decoding) the interval is the whole range of the
+ratios, and its confidence only 1 - 2^(1-n) (5: 94%, 3: 75%, 2: 50%); the table says so under each
+such regime, and the JSON gives each row's speedup_lo, speedup_hi and speedup_conf (the interval's
+actual confidence). efficiency rises with the speedup, so its interval (efficiency_lo, efficiency_hi)
+is the formula at the speedup's endpoints.
+Random routing (no --routers) protects what trained routers protect (RouterConfig's defaults): the
+first protect_first blocks and the first protect_first_tokens tokens of every sequence always execute;
+every other (block, sublayer, token) skips independently, with the probability that skips the named
+share of block parameters over the timed positions (random_routing).
 The last stdout line is one JSON object.
 """
 import json
@@ -56,34 +69,38 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return 2 * 2 * b * h * tq * key_shape[-2] * d
 
 
-def analytic_flops(args, exec_attn, exec_mlp, n_queries, n_keys, routers=True, kv_mode="keep", packed_keys=False):
+def analytic_flops(args, exec_attn, exec_mlp, n_queries, n_keys, routers=True, kv_mode="keep", packed_keys=False,
+                   protected=0):
     """Forward FLOPs per token given the executed fractions (per layer lists) of attention and MLP.
 
     K/V projections run for every token under "keep", for executing tokens only under "evict"; wq,
     scores and wo for executing queries; scores counted as the kernel computes them (n_queries x
     n_keys per sequence, masked entries included). packed_keys: evict without a KV cache (prefill),
     where the keys are the executing tokens only, so a block's scores shrink with its execution rate twice.
+    routers: whether the blocks from `protected` on run their two routers (the first protect_first
+    blocks always execute and run none).
     """
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     per_token = 2 * args.dim * args.vocab_size                                 # the head
-    for fa, fm in zip(exec_attn, exec_mlp):
+    for i, (fa, fm) in enumerate(zip(exec_attn, exec_mlp)):
         per_token += (1 if kv_mode == "keep" else fa) * 2 * 2 * args.dim * kv   # wk, wv
         keys = n_keys * (fa if packed_keys else 1)
         per_token += fa * (2 * 2 * args.dim * q + 2 * 2 * q * keys)             # wq + wo, QK^T + AV
         per_token += fm * 2 * 3 * args.dim * args.hidden_dim
-        if routers:
+        if routers and i >= protected:
             per_token += 2 * 2 * args.dim * 2
     return per_token
 
 
-def weight_bytes(args, attn_read, mlp_read, bytes_per_param, routers=True, kv_mode="keep"):
-    """Weight bytes read per decode step; attn_read/mlp_read: per layer, whether any row executes it."""
+def weight_bytes(args, attn_read, mlp_read, bytes_per_param, routers=True, kv_mode="keep", protected=0):
+    """Weight bytes read per decode step; attn_read/mlp_read: per layer, whether any row executes it;
+    routers: read in the blocks from `protected` on (as analytic_flops)."""
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     total = args.dim * args.vocab_size + args.dim                              # head (tied embedding) + final norm
-    for a, m in zip(attn_read, mlp_read):
+    for i, (a, m) in enumerate(zip(attn_read, mlp_read)):
         kv_read = 1 if kv_mode == "keep" else a                                 # evict: no K/V for a skipping token
         total += 2 * args.dim + kv_read * 2 * args.dim * kv + a * 2 * args.dim * q + m * 3 * args.dim * args.hidden_dim
-        if routers:
+        if routers and i >= protected:
             total += 2 * (2 * args.dim + 2)
     return total * bytes_per_param
 
@@ -93,13 +110,34 @@ def random_decisions(args, skip_prob, batch, length, generator):
     return (torch.rand(args.n_layers, 2, batch, length, generator=generator) >= skip_prob).float()
 
 
-def skip_prob_for(args, param_sparsity, kv="keep"):
-    """Skip probability (same for attention and MLP) that skips param_sparsity of block parameters."""
+def skip_prob_for(args, param_sparsity, kv="keep", protected_blocks=0, protected_share=0.0):
+    """Skip probability (same for attention and MLP) that skips param_sparsity of block parameters,
+    when the first protected_blocks blocks and protected_share of the tokens never skip (the others
+    skip more to make up for them)."""
     wa, wm = module_params(args, kv)
-    p = param_sparsity * block_params(args) / (wa + wm)
-    if p > 1:
-        raise UserError(f"sparsity {param_sparsity} is out of reach with K/V kept (max {(wa + wm) / block_params(args):.3f})")
-    return p
+    routable = ((wa + wm) / block_params(args) * (args.n_layers - protected_blocks) / args.n_layers
+                * (1 - protected_share))  # the largest reachable sparsity
+    if param_sparsity > routable:
+        raise UserError(f"sparsity {param_sparsity} is out of reach with K/V {kv}, {protected_blocks} blocks and "
+                        f"{protected_share:.1%} of the tokens protected (max {routable:.3f})")
+    return param_sparsity / routable if param_sparsity > 0 else 0.0
+
+
+def random_routing(args, cfg, param_sparsity, batch, length, generator, timed_from=0):
+    """Random decisions (L, 2, B, length) that skip param_sparsity of block parameters over positions
+    timed_from.. length-1 (a decode measurement times only the tokens after its context) and, like
+    trained routers, never skip the first cfg.protect_first blocks or the first cfg.protect_first_tokens
+    tokens of a sequence. Decisions given (Routing mode "force") are run as given, protected positions
+    included (model.py _protect_tokens), so the protection is written into them here: skipping the
+    first token would time work that real routing never does (every later token attends to it), and
+    the sparsity measured from these decisions is the one the forward passes run."""
+    first = min(cfg.protect_first_tokens, length)
+    share = max(0, first - timed_from) / max(1, length - timed_from)  # protected among the timed positions
+    p = skip_prob_for(args, param_sparsity, cfg.kv, min(cfg.protect_first, args.n_layers), share)
+    decisions = random_decisions(args, p, batch, length, generator)
+    decisions[:cfg.protect_first] = 1
+    decisions[..., :first] = 1
+    return decisions
 
 
 @torch.no_grad()
@@ -206,6 +244,42 @@ def paired_ratio(times_a, times_b):
     """Median over the repetitions of time a / time b, each pair from the same repetition (run within
     seconds of each other): a drift of this shared machine between repetitions cancels in each pair."""
     return statistics.median(a / b for a, b in zip(times_a, times_b))
+
+
+CONFIDENCE = 0.95
+
+
+def median_interval(values, level=CONFIDENCE):
+    """Distribution-free confidence interval for the median of the distribution `values` are drawn
+    from (independently) -> (lo, hi, confidence).
+
+    The median lies below exactly k of n draws with the probability of k under Binomial(n, 1/2), so
+    it lies between the j-th smallest and the j-th largest value with probability
+    1 - 2 P(Binomial(n, 1/2) <= j - 1), whatever the distribution. j is the largest for which that
+    reaches `level`; confidence is that probability (>= level, conservative: the binomial is discrete).
+    Where even the whole range does not reach `level` (n < 6 for 95%) the interval is the whole range
+    and confidence its own, 1 - 2^(1-n), below `level`: few repetitions cannot give more."""
+    x = sorted(values)
+    n = len(x)
+    if n == 0:
+        raise ValueError("no values")
+    coverage = lambda j: 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2 ** n  # noqa: E731
+    j = 1
+    while j < (n + 1) // 2 and coverage(j + 1) >= level:
+        j += 1
+    return x[j - 1], x[n - j], coverage(j)
+
+
+def paired_speedup(times_ref, times):
+    """The speedup of `times` over times_ref: the median of the repetitions' paired ratios (paired_ratio)
+    and median_interval of those ratios -> (speedup, lo, hi, confidence)."""
+    ratios = [a / b for a, b in zip(times_ref, times)]
+    return (statistics.median(ratios), *median_interval(ratios))
+
+
+def efficiency(speedup, ideal):
+    """The share of the ideal time saving achieved; NaN where the ideal saves nothing."""
+    return (1 - 1 / speedup) / (1 - 1 / ideal) if ideal > 1.0001 else float("nan")
 
 
 def decode_steps(reg, a):
@@ -347,7 +421,11 @@ def main(argv=None):
     args = model.args
     trained = model.router_cfg is not None
     if not trained:  # random decisions need routers to exist (they cost what trained ones cost)
-        model.add_routers(RouterConfig(protect_first=0))
+        # with trained routers' defaults, protect_first included: the protected blocks then run as they
+        # do under real routing, as plain blocks without routers (batch-1 decoding runs them as one
+        # compiled group), where protect_first 0 charged them routing overheads real routing never
+        # pays there; the other blocks skip more, so each row still skips its named share (random_routing)
+        model.add_routers(RouterConfig())
         model.to(dtype)
     merge_lora(model).fuse_weights()  # inference: LoRA folded in, wq|wk|wv, w1|w3 and the routers one matmul each
     compiled = a.compile != "false" and model.compile_decoding()
@@ -379,6 +457,7 @@ def main(argv=None):
           file=sys.stderr)
 
     results, checks = [], {}
+    check_intervals = {}  # check -> [lo, hi, confidence] of the ratios that are speedups (median_interval)
     # decode caches: one length per batch size, the longest its regimes need (see prefill_context)
     # (one slot to spare: at the last slot the keys read are the whole cache, a contiguous view, which
     # torch.compile specializes on: every compiled graph would compile again for the last step)
@@ -397,7 +476,8 @@ def main(argv=None):
             if trained:
                 mk = lambda fast, o=off: (lambda: Routing(mode="hard", offset=o, fast=fast))
             else:
-                dec = random_decisions(args, skip_prob_for(args, s, kv), B, T + steps, gen).to(device)
+                dec = random_routing(args, model.router_cfg, s, B, T + steps, gen,
+                                     timed_from=T if reg["kind"] == "decode" else 0).to(device)
                 mk = lambda fast, d=dec: (lambda: Routing(mode="force", force=d, fast=fast))
             variants[f"fast@{s}"] = (model, mk(True), s)
             if s == list(offsets)[min(1, len(offsets) - 1)]:  # masked once: it saves nothing at any sparsity
@@ -448,32 +528,40 @@ def main(argv=None):
         warm_up, timed = warmed_up - timing_start, time.perf_counter() - warmed_up
         n_tok = B * T if reg["kind"] == "prefill" else B * steps
         for name, (m, routing_fn, s) in variants.items():
-            speedup = paired_ratio(times["dense"], times[name])
+            speedup, lo, hi, conf = paired_speedup(times["dense"], times[name])
             row = {"variant": name.split("@")[0], "regime": reg["name"], "sparsity": s,
-                   "tokens_per_s": n_tok / statistics.median(times[name]), "speedup": speedup}
+                   "tokens_per_s": n_tok / statistics.median(times[name]), "speedup": speedup,
+                   "speedup_lo": lo, "speedup_hi": hi, "speedup_conf": conf, "repetitions": len(times[name])}
             if isinstance(m, str):  # transformers, or the floor: no FLOP accounting of ours
-                row |= {"ideal_speedup": float("nan"), "efficiency": float("nan")}
+                row |= {"ideal_speedup": float("nan"), "efficiency": float("nan"), "efficiency_lo": float("nan"),
+                        "efficiency_hi": float("nan")}
             else:
                 row |= measure_costs(reg, name, m, routing_fn, tokens, min(steps, COST_STEPS), device, bpp, kv, model,
                                      prefilled.get(name))
                 if s == "own":  # what the routers skip on this text, measured from each row's own gates
                     row["sparsity"] = 1 - row["gated_param_fraction"]
-                ideal = row["ideal_speedup"]
-                row["efficiency"] = (1 - 1 / speedup) / (1 - 1 / ideal) if ideal > 1.0001 else float("nan")
+                ideal = row["ideal_speedup"]  # (efficiency rises with the speedup: its interval is the endpoints')
+                row |= {"efficiency": efficiency(speedup, ideal), "efficiency_lo": efficiency(lo, ideal),
+                        "efficiency_hi": efficiency(hi, ideal)}
             results.append(row)
         if "floor" in variants:
-            checks[f"{reg['name']} dense / floor"] = paired_ratio(times["dense"], times["floor"])
-            checks[f"{reg['name']} F.linear floor / floor"] = paired_ratio(times["floor_flinear"], times["floor"])
+            for check, (ref, other) in ((f"{reg['name']} dense / floor", ("dense", "floor")),
+                                        (f"{reg['name']} F.linear floor / floor", ("floor_flinear", "floor"))):
+                ratio, lo, hi, conf = paired_speedup(times[ref], times[other])
+                checks[check], check_intervals[check] = ratio, [lo, hi, conf]
         print_table([r for r in results if r["regime"] == reg["name"]])
         print(f"{reg['name']}: {time.perf_counter() - regime_start:.0f} s (warm-up {warm_up:.0f} s, timed repeats "
               f"{timed:.0f} s)", file=sys.stderr)
 
     for name, value in checks.items():
-        print(f"{name}: {value:.4g}", file=sys.stderr)
+        lo, hi, conf = check_intervals.get(name, (None, None, None))
+        print(f"{name}: {value:.4g}" + (f" [{lo:.4g}, {hi:.4g}] ({conf:.0%} interval)" if lo is not None else ""),
+              file=sys.stderr)
     if a.plot:
         plot(results, a.plot)
         print(f"figure: {a.plot}", file=sys.stderr)
-    summary = {"results": results, "checks": checks, "device": device, "dtype": str(dtype).replace("torch.", ""),
+    summary = {"results": results, "checks": checks, "check_intervals": check_intervals, "device": device,
+               "dtype": str(dtype).replace("torch.", ""),
                "compiled_decoding": compiled, "one_row_products_split": len(split),
                "threads": torch.get_num_threads(), "repeats": a.repeats, "routers": a.routers,
                "model": model.source.get("path"), "seconds": round(time.perf_counter() - started, 1)}
@@ -518,12 +606,15 @@ def measure_costs(reg, name, m, routing_fn, tokens, steps, device, bpp, kv, dens
         read_attn, read_mlp = reads[:, 0].tolist(), reads[:, 1].tolist()
     else:
         exec_attn = exec_mlp = read_attn = read_mlp = [1.0] * L
+    cfg = getattr(m, "router_cfg", None)
+    protected = min(cfg.protect_first, L) if cfg is not None else 0
     return _costs(reg, name.split("@")[0], m.args, exec_attn, exec_mlp, read_attn, read_mlp, n_q, n_k, counter,
-                  n_tok, T, steps, B, bpp, kv, device, dense_model)
+                  n_tok, T, steps, B, bpp, kv, device, dense_model, protected)
 
 
 def _costs(reg, variant, args, exec_attn, exec_mlp, read_attn, read_mlp, n_q, n_k, counter, n_tok, T, steps, B,
-           bpp, kv, device, dense_model):
+           bpp, kv, device, dense_model, protected=0):
+    """protected: the first blocks, which always execute and run no routers."""
     L = args.n_layers
     routed = variant in ("fast", "masked")
     counts_as_run = variant == "fast"  # masked runs everything whatever the gates say
@@ -531,10 +622,10 @@ def _costs(reg, variant, args, exec_attn, exec_mlp, read_attn, read_mlp, n_q, n_
     ra, rm = (read_attn, read_mlp) if counts_as_run else ([1.0] * L, [1.0] * L)
     evict = kv == "evict" and counts_as_run
     flops = analytic_flops(args, fa, fm, n_q, n_k, routers=routed, kv_mode="evict" if evict else "keep",
-                           packed_keys=evict and reg["kind"] == "prefill")
+                           packed_keys=evict and reg["kind"] == "prefill", protected=protected)
     dense_flops = analytic_flops(dense_model.args, [1.0] * dense_model.args.n_layers,
                                  [1.0] * dense_model.args.n_layers, n_q, n_k, routers=False)
-    wbytes = weight_bytes(args, ra, rm, bpp, routers=routed, kv_mode="evict" if evict else "keep")
+    wbytes = weight_bytes(args, ra, rm, bpp, routers=routed, kv_mode="evict" if evict else "keep", protected=protected)
     dense_wbytes = weight_bytes(dense_model.args, [1.0] * dense_model.args.n_layers,
                                 [1.0] * dense_model.args.n_layers, bpp, routers=False)
     wa, wm = module_params(args, kv)
@@ -568,17 +659,26 @@ def calibrate_offsets(model, sparsities, windows):
 
 
 def print_table(rows):
-    print(f"\n{'regime':<12} {'variant':<12} {'sparsity':>8} {'tok/s':>9} {'speedup':>8} {'ideal':>7} "
-          f"{'effic.':>7} {'GFLOP/tok':>10} {'counted':>8} {'params':>7} {'MB/step':>8}")
+    """One line per variant; every speedup with its interval (median_interval), and a note under the
+    table where the repetitions were too few for a 95% one."""
+    print(f"\n{'regime':<12} {'variant':<13} {'sparsity':>8} {'tok/s':>9} {'speedup [95% interval]':<22} {'ideal':>7} "
+          f"{'effic. [interval]':<18} {'GFLOP/tok':>10} {'counted':>8} {'params':>7} {'MB/step':>8}")
     for r in rows:
-        eff = "" if math.isnan(r["efficiency"]) else f"{r['efficiency']:.0%}"
-        line = (f"{r['regime']:<12} {r['variant']:<12} {r['sparsity']:>8.2f} {r['tokens_per_s']:>9.1f} "
-                f"{r['speedup']:>7.2f}x")
+        interval = f"[{r['speedup_lo']:.2f}, {r['speedup_hi']:.2f}]"
+        line = (f"{r['regime']:<12} {r['variant']:<13} {r['sparsity']:>8.2f} {r['tokens_per_s']:>9.1f} "
+                f"{r['speedup']:>6.2f}x {interval:<14}")
         if "flops_per_token" in r:
-            line += (f" {r['ideal_speedup']:>6.2f}x {eff:>7} {r['flops_per_token'] / 1e9:>10.3f} "
+            eff = ""
+            if not math.isnan(r["efficiency"]):
+                eff_interval = f"[{100 * r['efficiency_lo']:.0f}, {100 * r['efficiency_hi']:.0f}]"
+                eff = f"{r['efficiency']:>5.0%} {eff_interval:<12}"
+            line += (f" {r['ideal_speedup']:>6.2f}x {eff:<18} {r['flops_per_token'] / 1e9:>10.3f} "
                      f"{r['flops_counted_per_token'] / 1e9:>8.3f} {r['executed_param_fraction']:>7.2f} "
                      f"{r['weight_bytes_per_step'] / 1e6:>8.1f}")
-        print(line)
+        print(line.rstrip())
+    for n, conf in sorted({(r["repetitions"], r["speedup_conf"]) for r in rows if r["speedup_conf"] < CONFIDENCE}):
+        print(f"({n} repetitions are too few for a {CONFIDENCE:.0%} interval: each [lo, hi] above is the whole range "
+              f"of the paired ratios, a {conf:.0%} confidence interval for the median)")
 
 
 def plot(results, path):
@@ -589,8 +689,11 @@ def plot(results, path):
     for ax, reg in zip(axes[0], regimes):
         for variant, style in (("fast", "o-"), ("masked", "s"), ("shortgpt", "^--")):
             rows = sorted((r for r in results if r["regime"] == reg and r["variant"] == variant), key=lambda r: r["sparsity"])
-            if rows:
-                ax.plot([r["sparsity"] for r in rows], [r["speedup"] for r in rows], style, label=f"{variant} measured")
+            if rows:  # bars: each speedup's interval (median_interval)
+                ys = [r["speedup"] for r in rows]
+                ax.errorbar([r["sparsity"] for r in rows], ys, fmt=style, capsize=3, label=f"{variant} measured",
+                            yerr=[[y - r["speedup_lo"] for y, r in zip(ys, rows)],
+                                  [r["speedup_hi"] - y for y, r in zip(ys, rows)]])
                 if variant == "fast":
                     ax.plot([r["sparsity"] for r in rows], [r["ideal_speedup"] for r in rows], ":", color="gray", label="fast ideal")
         ax.axhline(1.0, color="black", lw=0.5)

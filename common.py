@@ -1,4 +1,4 @@
-"""Plumbing shared by the training loop and the tools: settings, devices, DDP, data, validation, runs.
+"""Plumbing shared by the training scripts and the tools: settings, devices, data, the validation protocol.
 
 The validation protocol (used by every tool, so the same model shows the same perplexity
 everywhere): VAL_WINDOWS windows of VAL_BLOCK tokens, evenly spaced over the held-out text's
@@ -11,9 +11,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
-import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ import torch.nn.functional as F
 import assets
 from checkpoint import atomic_write_text
 from errors import ArgumentParser, UserError
-from router import block_params, routing_stats
+from router import routing_stats
 
 ROOT = Path(__file__).resolve().parent
 VAL_WINDOWS = 40     # fixed validation windows ...
@@ -84,7 +81,7 @@ def parse_settings(cls, description, argv=None, presets=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Devices, precision, DDP
+# Devices and precision
 
 def setup_device(device="auto", dtype="auto"):
     """-> (device, dtype name, autocast context). CUDA gets bf16 autocast; a CPU stays in fp32."""
@@ -101,25 +98,6 @@ def setup_device(device="auto", dtype="auto"):
     else:
         ctx = torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
     return device, dtype, ctx
-
-
-def setup_ddp():
-    """torchrun sets RANK/WORLD_SIZE: join the process group. -> (rank, world_size, local_rank)."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    torch.distributed.init_process_group(backend=backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    return rank, world, local
-
-
-def all_reduce_mean(x, world):
-    if world > 1:
-        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.SUM)
-        x /= world
-    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,15 +135,6 @@ def ensure_data(data_dir, tokenizer):
         if not current:
             script.prepare(tokenizer, data_dir)
     return data_dir
-
-
-def get_batch(data, batch_size, block_size, generator, device):
-    """Random windows of block_size + 1 tokens -> inputs x and next-token targets y, (B, T)."""
-    if len(data) <= block_size + 1:
-        raise UserError(f"the data has {len(data)} tokens, fewer than --block_size {block_size} + 1")
-    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
-    chunk = torch.stack([torch.from_numpy(data[i:i + block_size + 1].astype(np.int64)) for i in ix.tolist()])
-    return chunk[:, :-1].to(device), chunk[:, 1:].to(device)
 
 
 def calibration_windows(train_data, n=CALIB_WINDOWS, block=VAL_BLOCK):
@@ -241,86 +210,7 @@ def dense_val_loss(model, windows, ctx, device, cache_dir):
                             lambda: evaluate(model, windows, None, ctx=ctx, device=device))
 
 
-# ----------------------------------------------------------------------------------------------
-# Schedules
-
-def lr_at(it, max_iters, lr, schedule, warmup_iters, min_lr_frac=0.1):
-    if schedule == "constant":
-        return lr
-    if it < warmup_iters:
-        return lr * (it + 1) / warmup_iters
-    progress = (it - warmup_iters) / max(1, max_iters - warmup_iters)
-    return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-# ----------------------------------------------------------------------------------------------
-# Runs: a directory with config.json, the trained tensors, resume state and a JSONL log
-
-class JsonlLog:
-    def __init__(self, path, enabled=True):
-        self.path, self.enabled = Path(path), enabled
-
-    def write(self, **record):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def keep(self, wanted):
-        """Rewrite the log with only the records for which wanted(record) is true."""
-        if self.enabled and self.path.exists():
-            kept = [r for r in self.read() if wanted(r)]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
-
-    def read(self):
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-
-def prepare_out_dir(out_dir, resume, overwrite, what):
-    """Never destroy an earlier run silently: resume it, overwrite it on request, or refuse."""
-    out_dir = Path(out_dir)
-    exists = (out_dir / "config.json").exists() or (out_dir / "ckpt.pt").exists()
-    if resume:
-        if not (out_dir / "ckpt.pt").exists():
-            raise UserError(f"--resume: no run to resume in {out_dir} (no ckpt.pt)")
-        return out_dir
-    if exists and not overwrite:
-        raise UserError(f"{out_dir} already holds a {what} run; pass --resume true to continue it, "
-                        f"--overwrite true to replace it, or --out_dir to start a new one")
-    if exists:
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
-
-
 def sync(device):
     """Wait for the device's queued work (CUDA runs asynchronously), so a timer measures it."""
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def matmul_flops_per_s(device, dtype_name, n=1024, repeats=5):
-    """FLOP/s of one large square matmul here, now (median of a few), in the run's dtype: what the
-    hardware gives plain dense math at this moment, the yardstick for a training run's model FLOP/s on
-    a shared machine."""
-    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype_name))
-    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype_name))
-    times = []
-    for _ in range(repeats + 1):  # the first one warms up
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / sorted(times[1:])[repeats // 2]
-
-
-def model_flops_per_token(args, seq_len):
-    """Forward FLOPs per token of the dense model: 2 per weight (matmuls) + attention scores."""
-    weights = block_params(args) * args.n_layers + args.dim * args.vocab_size
-    attn = 2 * 2 * args.n_layers * args.n_heads * args.head_dim * seq_len / 2  # QK^T and AV, causal average
-    return 2 * weights + attn
-

@@ -16,8 +16,8 @@ sparsity_warmup of the steps. The gates are hard straight-through Gumbel-softmax
 annealed linearly from tau_start to tau_end. Training runs the masked path: a skipped sublayer is
 still computed (times 0) because the gate's gradient needs its output. After training, a logit
 offset is calibrated on training text so that deterministic routing skips exactly the target;
-validation always uses deterministic gates. The loop itself (steps, checkpoints, resume) is
-training.py's, shared with stage 2.
+validation always uses deterministic gates. The step is `loss` below; the loop that runs it
+(batches, checkpoints, resume, DDP) is training.py's, shared with stage 2.
 """
 import math
 from dataclasses import dataclass
@@ -33,10 +33,9 @@ from common import CALIB_WINDOWS, calibration_windows, dense_val_loss, evaluate,
 from convert import ensure_default_model
 from errors import UserError, cli
 from router import RouterConfig, Routing, calibrate_offset, sparsity_loss
-from training import TrainSettings, train
+from training import TrainSettings, print_comparison, train, val_routing
 
 DEFAULT_MODEL = "checkpoints/smollm2-135m"  # converted on first use (convert.py --default)
-
 
 # The paper's recipe, as its text states it (--recipe paper): raw residual input, Kaiming weight + zero
 # bias, module-count sparsity, alpha 8, constant lr 2e-3, CE loss, no warm-up, no protected blocks or
@@ -110,6 +109,9 @@ class Settings(TrainSettings):
                 "dropout": 0.1}
 
 
+# ----------------------------------------------------------------------------------------------
+# The step: Gumbel gates -> KL(dense || routed) + alpha * |target - s|
+
 def tau_at(it, s):
     """Gumbel temperature at step it: linear from tau_start (first step) to tau_end (last step)."""
     return s.tau_start + (s.tau_end - s.tau_start) * min(1.0, it / max(1, s.max_iters - 1))
@@ -127,6 +129,26 @@ def distill_loss(logits, teacher_logits):
                     log_target=True, reduction="none").sum(-1).mean()
 
 
+def loss(model, x, y, it, s, ctx, all_reduce=None):
+    """One micro-batch: the task loss under Gumbel gates plus the sparsity loss. -> (loss, what to log).
+    all_reduce (several processes): s becomes the sparsity of all their batches together."""
+    tau, target = tau_at(it, s), target_at(it, s)
+    with ctx:
+        logits, ce, gates = model(x, y, routing=Routing(mode="gumbel", tau=tau, estimator=s.gate_estimator))
+        if s.distill:
+            with torch.no_grad(), lora.disabled(model):
+                teacher, _, _ = model(x)  # the dense model: routing off (and, in joint training, LoRA off)
+            task = distill_loss(logits, teacher)
+        else:
+            task = ce
+        sp_loss, sp = sparsity_loss(gates, target, s.alpha, model.args, s.kv, s.weighting, s.budget,
+                                    all_reduce=all_reduce)
+    return task + sp_loss, {"task": task.item(), "ce": ce.item(), "sparsity": sp.item(), "target": target, "tau": tau}
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage: what trains, what is saved, the final report (training.py runs the loop)
+
 def calibrate(model, windows, target, weighting, ctx, device):
     """Offset so deterministic routing skips `target` (params or modules) on the calibration text."""
     def measure(offset):
@@ -137,9 +159,12 @@ def calibrate(model, windows, target, weighting, ctx, device):
 
 class Stage:
     NAME, FORMAT = "stage 1", "stage1"
+    validate_start = False
+    loss = staticmethod(loss)  # the step above
 
     def build(self, s, device, resume_cfg):
-        """The frozen base with fresh routers (and, for the joint ablation, LoRA). -> (model, groups, start)."""
+        """The frozen base with fresh routers (and, for the joint ablation, LoRA).
+        -> (model, param groups, init_dir: the base model directory)"""
         init_dir = ensure_default_model() if s.init_from == DEFAULT_MODEL else s.init_from
         model = load(init_dir, device=device)
         if model.router_cfg is not None:
@@ -161,38 +186,13 @@ class Stage:
             lora.add_lora(model, tuple(lc["targets"]), lc["r"], lc["alpha"], lc["dropout"])
             groups.append({"params": [p for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B"))],
                            "lr": s.joint_lora_lr, "weight_decay": 0.0, "lr_scale": s.joint_lora_lr / s.learning_rate})
+        self.about = (f"{'routers + LoRA, joint' if s.joint_lora_r else 'routers'}, base frozen | target "
+                      f"{s.target_sparsity} ({s.weighting}), alpha {s.alpha}, {'KL to dense' if s.distill else 'CE'}"
+                      + (" | recipe paper: raw router input, zero-bias init, module-count sparsity, CE, no warm-up, "
+                         "no protected blocks (expect a collapse in a short run: see README)" if s.recipe == "paper" else ""))
+        self.title = f"stage 1, target {s.target_sparsity} ({s.weighting})"
+        self.passes_per_token = 3 if s.distill else 2  # forward + backward ~ 2 forwards; the teacher's forward 1 more
         return model, groups, init_dir
-
-    def describe(self, model, s):
-        return (f"{'routers + LoRA, joint' if s.joint_lora_r else 'routers'}, base frozen | target {s.target_sparsity} "
-                f"({s.weighting}), alpha {s.alpha}, {'KL to dense' if s.distill else 'CE'}"
-                + (" | recipe paper: raw router input, zero-bias init, module-count sparsity, CE, no warm-up, no "
-                   "protected blocks (expect a collapse in a short run: see README)" if s.recipe == "paper" else ""))
-
-    def before_training(self, model, s, windows, ctx, device, log, resumed):
-        pass
-
-    def loss(self, model, x, y, it, s, ctx, all_reduce):
-        """One micro-batch: the task loss under Gumbel gates plus the sparsity loss; what to log."""
-        tau, target = tau_at(it, s), target_at(it, s)
-        with ctx:
-            logits, ce, gates = model(x, y, routing=Routing(mode="gumbel", tau=tau, estimator=s.gate_estimator))
-            if s.distill:
-                with torch.no_grad(), lora.disabled(model):
-                    teacher, _, _ = model(x)  # the dense model: routing off (and, in joint training, LoRA off)
-                task = distill_loss(logits, teacher)
-            else:
-                task = ce
-            sp_loss, sp = sparsity_loss(gates, target, s.alpha, model.args, s.kv, s.weighting, s.budget,
-                                        all_reduce=all_reduce)
-        return task + sp_loss, {"task": task.item(), "ce": ce.item(), "sparsity": sp.item(), "target": target, "tau": tau}
-
-    def postfix(self, last):
-        return {"loss": f"{last['loss']:.3f}", "task": f"{last['task']:.3f}", "sp": f"{last['sparsity']:.3f}",
-                "tau": f"{last['tau']:.2f}"}
-
-    def passes_per_token(self, s):
-        return 3 if s.distill else 2  # forward + backward of the activations ~ 2 forwards; the teacher 1 more
 
     def run_config(self, model, s):
         cfg = {"router": model.router_cfg.to_dict(), "offset": model.routing_offset}
@@ -204,10 +204,7 @@ class Stage:
             files["lora.safetensors"] = lora.lora_state_dict(model)
         return files
 
-    def curves_title(self, model, s):
-        return f"stage 1, target {s.target_sparsity} ({s.weighting})"
-
-    def finish(self, model, s, windows, train_data, ctx, device, out_dir, log):
+    def finish(self, model, s, windows, train_data, ctx, device, out_dir):
         """Calibrate the offset, then compare dense, routed and ShortGPT on the validation windows."""
         calib = calibration_windows(train_data)
         if s.calibrate:
@@ -215,10 +212,9 @@ class Stage:
             model.routing_offset = calibrate(model, calib[:s.calib_windows], s.target_sparsity, s.weighting, ctx, device)
         offset = model.routing_offset
         print(f"validating on {len(windows)} fixed validation windows (deterministic gates) ...")
+        routed = evaluate(model, windows, val_routing(model), ctx=ctx, device=device)
         with lora.disabled(model):  # the references are the base model (a joint run's LoRA off)
             dense = dense_val_loss(model, windows, ctx, device, s.data_dir)
-        routed = evaluate(model, windows, lambda: Routing(mode="hard", offset=offset, fast=True), ctx=ctx, device=device)
-        with lora.disabled(model):
             short, n_blocks = shortgpt_matched(model, calib, windows, routed["param_sparsity"], ctx, device, s.data_dir)
         sampled = None
         if s.val_sampled:  # the authors' evaluation: Gumbel sampling at tau 1, fixed seed for a reproducible figure
@@ -233,9 +229,7 @@ class Stage:
             rows.append(("SkipGPT, sampled gates (authors')", sampled["param_sparsity"], sampled["attn_skip"],
                          sampled["mlp_skip"], sampled["loss"]))
         rows.append((f"ShortGPT, {n_blocks} blocks removed", short_sparsity, short_sparsity, short_sparsity, short["loss"]))
-        print(f"\n{'model':<34} {'param sparsity':>14} {'attn skip':>9} {'mlp skip':>9} {'val loss':>9} {'val ppl':>9}")
-        for name, ps, a, m, loss in rows:
-            print(f"{name:<34} {ps:>14.3f} {a:>9.3f} {m:>9.3f} {loss:>9.3f} {math.exp(loss):>9.1f}")
+        print_comparison(rows, width=34)
         print(f"target sparsity {s.target_sparsity} ({s.weighting}); module sparsity {routed['module_sparsity']:.3f}; "
               f"routed ppl / dense ppl = {math.exp(routed['loss'] - dense['loss']):.2f}")
         plots.skip_heatmap(routed, out_dir / "skip_rates.png",

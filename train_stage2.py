@@ -17,8 +17,8 @@ Gumbel sampling, as the authors' code does). Validation always uses deterministi
 With frozen routers nothing needs the skipped outputs, so training runs the fast path (only the
 executing tokens go through each sublayer); --fast false runs the masked reference path instead.
 Without an --init_from, stage 2 starts from out/stage1, or from the released routers in
-pretrained/stage1-smollm2-135m when there is no such run. The loop itself (steps, checkpoints,
-resume) is training.py's, shared with stage 1.
+pretrained/stage1-smollm2-135m when there is no such run. The step is Stage.loss; the loop that runs
+it (batches, checkpoints, resume, DDP) is training.py's, shared with stage 1.
 """
 import dataclasses
 import json
@@ -32,12 +32,11 @@ import baselines
 import lora
 from checkpoint import (RUN_VERSION, StagingDir, atomic_save_tensors, atomic_write_text, base_reference,
                         file_fingerprint, find_base, load, read_config, rel_to_root, resolve, save_model_dir)
-from common import (calibration_windows, dense_val_loss, ensure_data, evaluate, load_split,
-                    parse_settings, setting)
+from common import calibration_windows, dense_val_loss, ensure_data, evaluate, load_split, parse_settings, setting
 from convert import ensure_default_model
 from errors import UserError, cli
 from router import Routing, routing_stats
-from training import LR_SCHEDULES, TrainSettings, train, val_routing
+from training import LR_SCHEDULES, TrainSettings, print_comparison, train, val_routing
 
 STAGE1_RUN = "out/stage1"                         # where train_stage1.py writes by default
 PRETRAINED_STAGE1 = "pretrained/stage1-smollm2-135m"  # the routers that ship with the project
@@ -157,9 +156,12 @@ def save_merged(model, out_dir, stage1_cfg):
 
 class Stage:
     NAME, FORMAT = "stage 2", "stage2"
+    validate_start = True  # step 0 of the curves: where LoRA starts (B = 0 changes nothing)
+    passes_per_token = 2  # forward + backward of the activations (the LoRA weight gradients are small)
 
     def build(self, s, device, resume_cfg):
-        """The frozen base with its frozen stage-1 routers (none for the controls), plus LoRA. -> (model, groups, start)."""
+        """The frozen base with its frozen stage-1 routers (none for the controls), plus LoRA.
+        -> (model, param groups, init_dir: the stage-1 run, or for a control its base model directory)"""
         init_from = s.init_from
         if resume_cfg is not None and resume_cfg["stage1"] and init_from == "auto":
             init_from = resume_cfg["stage1"]["path"]  # the stage-1 run it was trained on
@@ -186,6 +188,10 @@ class Stage:
         lora.add_lora(model, s.targets(), s.lora_r, s.lora_alpha, s.lora_dropout)
         groups = [{"params": lora.mark_only_lora_trainable(model), "lr": s.learning_rate,
                    "weight_decay": s.weight_decay}]
+        how = (f"{self.label(s)} (control)" if s.control()
+               else f"routers frozen, {s.gate} gates, offset {model.routing_offset:+.2f}")
+        self.about = f"LoRA r {s.lora_r}, alpha {s.lora_alpha:g} on {','.join(s.targets())}; {how} | CE"
+        self.title = "stage 2: " + (f"{self.label(s)} + LoRA (control)" if s.control() else "stage-1 routers + LoRA")
         return model, groups, model.source["path"] if s.control() else rel_to_root(init_dir)
 
     def prune(self, model, s):
@@ -201,30 +207,6 @@ class Stage:
     def label(self, s):
         return f"ShortGPT, {s.shortgpt} blocks removed" if s.shortgpt else "dense"
 
-    def describe(self, model, s):
-        how = (f"{self.label(s)} (control)" if s.control()
-               else f"routers frozen, {s.gate} gates, offset {model.routing_offset:+.2f}")
-        return f"LoRA r {s.lora_r}, alpha {s.lora_alpha:g} on {','.join(s.targets())}; {how} | CE"
-
-    def before_training(self, model, s, windows, ctx, device, log, resumed):
-        """The references, without the adapters: dense, and where LoRA starts (stage-1 routed, or ShortGPT)."""
-        print(f"validating the starting point (dense{'' if s.dense else ', ' + ('ShortGPT' if s.shortgpt else 'stage-1 routed')}) ...")
-        with lora.disabled(model):  # (the pruned model holds every adapter: its blocks are the unpruned one's)
-            self.ref = {"dense": dense_val_loss(self.unpruned, windows, ctx, device, s.data_dir),
-                        "dense_sub": dense_val_loss(self.unpruned, windows[:s.eval_iters], ctx, device, s.data_dir)}
-            if s.shortgpt:
-                self.ref["start"] = baselines.shortgpt_val(self.unpruned, self.calib, windows, s.shortgpt, ctx, device,
-                                                           s.data_dir)
-                self.ref["start_sub"] = evaluate(model, windows[:s.eval_iters], None, ctx=ctx, device=device)
-            elif not s.dense:
-                routed = val_routing(model)
-                self.ref["start"] = evaluate(model, windows, routed, ctx=ctx, device=device)
-                self.ref["start_sub"] = evaluate(model, windows[:s.eval_iters], routed, ctx=ctx, device=device)
-        if not resumed:  # step 0 of the curves: where LoRA starts (B = 0 changes nothing)
-            st = self.ref["dense_sub" if s.dense else "start_sub"]
-            log.write(kind="val", iter=0, val_loss=st["loss"],
-                      **{f"val_{k}": st[k] for k in ("param_sparsity", "attn_skip", "mlp_skip", "module_sparsity") if k in st})
-
     def loss(self, model, x, y, it, s, ctx, all_reduce):
         """One micro-batch: the routed model's cross-entropy, on the fast path by default; what to log."""
         with ctx:
@@ -234,12 +216,6 @@ class Stage:
             info["train_sparsity"] = routing_stats(gates, model.args, model.router_cfg.kv)["param_sparsity"]
         return loss, info
 
-    def postfix(self, last):
-        return {"loss": f"{last['loss']:.3f}"} | ({"sp": f"{last['train_sparsity']:.3f}"} if "train_sparsity" in last else {})
-
-    def passes_per_token(self, s):
-        return 2  # forward + backward of the activations (the LoRA weight gradients are small)
-
     def run_config(self, model, s):
         return {"stage1": self.stage1, "lora": s.lora_config()} | (
             {"removed_blocks": model.removed_blocks} if s.shortgpt else {})
@@ -247,45 +223,44 @@ class Stage:
     def trained(self, model):
         return {"lora.safetensors": lora.lora_state_dict(model)}
 
-    def curves_title(self, model, s):
-        return "stage 2: " + (f"{self.label(s)} + LoRA (control)" if s.control() else "stage-1 routers + LoRA")
-
-    def finish(self, model, s, windows, train_data, ctx, device, out_dir, log):
+    def finish(self, model, s, windows, train_data, ctx, device, out_dir):
         """Compare dense, where LoRA started and where it ended on the validation windows; merge on request."""
         print(f"validating on {len(windows)} fixed validation windows (deterministic gates) ...")
+        with lora.disabled(model):  # the references, adapters off (the pruned model's blocks are the unpruned one's)
+            dense = dense_val_loss(self.unpruned, windows, ctx, device, s.data_dir)
+            if s.shortgpt:
+                start = baselines.shortgpt_val(self.unpruned, self.calib, windows, s.shortgpt, ctx, device, s.data_dir)
+            elif not s.dense:
+                start = evaluate(model, windows, val_routing(model), ctx=ctx, device=device)
         tuned = evaluate(model, windows, val_routing(model), ctx=ctx, device=device)
-        dense = self.ref["dense"]
         rows = [("dense", 0.0, 0.0, 0.0, dense["loss"])]
         if s.dense:
             rows.append(("dense + LoRA (control)", 0.0, 0.0, 0.0, tuned["loss"]))
         elif s.shortgpt:
             share = s.shortgpt / self.unpruned.args.n_layers
-            rows += [(self.label(s), share, share, share, self.ref["start"]["loss"]),
+            rows += [(self.label(s), share, share, share, start["loss"]),
                      (f"{self.label(s)} + LoRA (control)", share, share, share, tuned["loss"])]
         else:
-            st1 = self.ref["start"]
-            rows += [(f"stage 1 routed (offset {model.routing_offset:+.2f})", st1["param_sparsity"], st1["attn_skip"],
-                      st1["mlp_skip"], st1["loss"]),
+            rows += [(f"stage 1 routed (offset {model.routing_offset:+.2f})", start["param_sparsity"], start["attn_skip"],
+                      start["mlp_skip"], start["loss"]),
                      ("stage 1 + LoRA (stage 2)", tuned["param_sparsity"], tuned["attn_skip"], tuned["mlp_skip"],
                       tuned["loss"])]
-        print(f"\n{'model':<38} {'param sparsity':>14} {'attn skip':>9} {'mlp skip':>9} {'val loss':>9} {'val ppl':>9}")
-        for name, ps, a, m, loss in rows:
-            print(f"{name:<38} {ps:>14.3f} {a:>9.3f} {m:>9.3f} {loss:>9.3f} {math.exp(loss):>9.1f}")
+        print_comparison(rows, width=38)
         if not s.control():
-            print(f"routed ppl / dense ppl: stage 1 {math.exp(self.ref['start']['loss'] - dense['loss']):.2f}, "
+            print(f"routed ppl / dense ppl: stage 1 {math.exp(start['loss'] - dense['loss']):.2f}, "
                   f"stage 2 {math.exp(tuned['loss'] - dense['loss']):.2f} (the routers are frozen, but LoRA changes "
-                  f"what they read: sparsity {self.ref['start']['param_sparsity']:.3f} -> {tuned['param_sparsity']:.3f})")
+                  f"what they read: sparsity {start['param_sparsity']:.3f} -> {tuned['param_sparsity']:.3f})")
         summary = {"val_loss_dense": dense["loss"], "val_ppl_dense": dense["ppl"]}
         if s.dense:
             summary |= {"val_loss_dense_lora": tuned["loss"], "val_ppl_dense_lora": tuned["ppl"], "val_sparsity": 0.0}
         elif s.shortgpt:
-            summary |= {"val_loss_shortgpt": self.ref["start"]["loss"], "val_ppl_shortgpt": self.ref["start"]["ppl"],
+            summary |= {"val_loss_shortgpt": start["loss"], "val_ppl_shortgpt": start["ppl"],
                         "val_loss_shortgpt_lora": tuned["loss"], "val_ppl_shortgpt_lora": tuned["ppl"],
                         "removed_blocks": model.removed_blocks, "val_sparsity": rows[-1][1]}
         else:
-            summary |= {"val_loss_stage1": self.ref["start"]["loss"], "val_loss_stage2": tuned["loss"],
-                        "val_ppl_stage1": self.ref["start"]["ppl"], "val_ppl_stage2": tuned["ppl"],
-                        "val_sparsity": tuned["param_sparsity"], "val_sparsity_stage1": self.ref["start"]["param_sparsity"],
+            summary |= {"val_loss_stage1": start["loss"], "val_loss_stage2": tuned["loss"],
+                        "val_ppl_stage1": start["ppl"], "val_ppl_stage2": tuned["ppl"],
+                        "val_sparsity": tuned["param_sparsity"], "val_sparsity_stage1": start["param_sparsity"],
                         "val_attn_skip": tuned["attn_skip"], "val_mlp_skip": tuned["mlp_skip"],
                         "val_module_sparsity": tuned["module_sparsity"], "offset": model.routing_offset, "gate": s.gate}
         summary["lora_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)

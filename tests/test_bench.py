@@ -1,6 +1,7 @@
 """bench.py on a tiny model: it runs, reports every variant, and its FLOP accounting is consistent."""
 import json
 import math
+import statistics
 
 import pytest
 
@@ -21,18 +22,32 @@ def test_bench_quick_on_a_tiny_model(tmp_path, capsys):
                                               "floor_flinear"}
     assert out["checks"]["prefill64 fast vs masked max |logit diff|"] < 1e-4  # the same decisions, the same logits
     assert all(math.isfinite(out["checks"][k]) for k in ("decode64 dense / floor", "decode64 F.linear floor / floor"))
+    for k in ("decode64 dense / floor", "decode64 F.linear floor / floor"):  # ratios of times: intervals too
+        lo, hi, conf = out["check_intervals"][k]
+        assert lo <= out["checks"][k] <= hi and conf == 0.5
     # the floor multiplies by every matrix that dense decoding reads (not the routers' rows): the
     # analytic weight bytes of a dense step, less the norms' weights
     model = load(base)
-    model.add_routers(RouterConfig(protect_first=0))
+    model.add_routers(RouterConfig())  # as bench adds them for random routing
     model.fuse_weights()
     a, dense = model.args, next(r for r in rows if r["variant"] == "dense" and r["regime"] == "decode64")
     norm_bytes = (2 * a.n_layers + 1) * a.dim * 4
     assert sum(m.numel() for m in bench.decode_weights(model)) * 4 == dense["weight_bytes_per_step"] - norm_bytes
     assert (tmp_path / "b.png").exists()
     for r in rows:
-        keys = ("variant", "regime", "sparsity", "tokens_per_s", "speedup", "ideal_speedup", "efficiency")
+        keys = ("variant", "regime", "sparsity", "tokens_per_s", "speedup", "ideal_speedup", "efficiency",
+                "speedup_lo", "speedup_hi", "speedup_conf", "efficiency_lo", "efficiency_hi")
         assert all(key in r for key in keys)
+        # every speedup carries its interval: 2 repetitions (decoding) give the range of 2 ratios, a 50%
+        # interval; prefill 64 repeats 8x as often (16: the 4th to the 13th ratio, 98%)
+        assert r["repetitions"] == {"prefill64": 16, "decode64": 2, "decode32x4": 2}[r["regime"]]
+        assert r["speedup_lo"] <= r["speedup"] <= r["speedup_hi"], r
+        assert r["speedup_conf"] == (0.5 if r["repetitions"] == 2 else pytest.approx(1 - 2 * 697 / 2 ** 16))
+        if r["efficiency"] is not None:  # the efficiency at the speedup's endpoints (it rises with the speedup)
+            assert r["efficiency_lo"] <= r["efficiency"] <= r["efficiency_hi"], r
+            assert r["efficiency_lo"] == pytest.approx(bench.efficiency(r["speedup_lo"], r["ideal_speedup"]))
+        if r["variant"] == "dense":
+            assert r["speedup_lo"] == r["speedup_hi"] == 1
         if r["variant"] in ("transformers", "floor", "floor_flinear"):
             continue
         assert "flops_per_token" in r
@@ -50,6 +65,71 @@ def test_bench_quick_on_a_tiny_model(tmp_path, capsys):
     fast = {r["sparsity"]: r for r in rows if r["variant"] == "fast" and r["regime"] == "prefill64"}
     assert fast[0.5]["flops_per_token"] < fast[0.25]["flops_per_token"] < fast[0.0]["flops_per_token"]
     assert fast[0.25]["executed_param_fraction"] == pytest.approx(0.75, abs=0.08)
+
+
+def test_median_interval():
+    """The distribution-free interval for a median: order statistics chosen by Binomial(n, 1/2)."""
+    # 9 values: the 2nd smallest to the 2nd largest, P = 1 - 2 (1 + 9) / 2^9 = 0.9609 (the 3rd: 0.82 < 0.95)
+    lo, hi, conf = bench.median_interval([5, 1, 9, 3, 7, 2, 8, 4, 6])
+    assert (lo, hi) == (2, 8) and conf == pytest.approx(1 - 20 / 512)
+    # 20 values (prefill 128's repetitions): the 6th to the 15th, P = 1 - 2 * 21700 / 2^20
+    lo, hi, conf = bench.median_interval(range(1, 21))
+    assert (lo, hi) == (6, 15) and conf == pytest.approx(1 - 2 * 21700 / 2 ** 20) and conf >= 0.95
+    # 5 values (the default repeats): too few for 95%, so the whole range, at its own 1 - 2^-4
+    assert bench.median_interval([1.1, 1.3, 1.0, 1.2, 1.25]) == (1.0, 1.3, pytest.approx(0.9375))
+    assert bench.median_interval([2.0, 1.0]) == (1.0, 2.0, 0.5)
+    assert bench.median_interval([1.5]) == (1.5, 1.5, 0.0)
+    # it contains the median, widens with the spread, and narrows (in ranks) with more repetitions
+    import random
+    rng = random.Random(0)
+    ratios = [1.2 + rng.gauss(0, 0.05) for _ in range(40)]
+    lo, hi, _ = bench.median_interval(ratios)
+    wide = bench.median_interval([1.2 + 3 * (r - 1.2) for r in ratios])
+    assert lo <= statistics.median(ratios) <= hi and wide[1] - wide[0] == pytest.approx(3 * (hi - lo))
+    assert hi - lo < bench.median_interval(ratios[:10])[1] - bench.median_interval(ratios[:10])[0]
+    # the speedup is the median of the paired ratios, the interval theirs
+    dense, fast = [2.0, 2.2, 1.8, 2.1, 2.0, 2.4, 1.9], [1.0, 2.0, 1.5, 1.4, 1.6, 2.0, 1.0]
+    ratios = [d / f for d, f in zip(dense, fast)]
+    assert bench.paired_speedup(dense, fast) == (statistics.median(ratios), min(ratios), max(ratios),
+                                                 pytest.approx(1 - 2 / 128))
+
+
+def test_random_routing_protects_what_trained_routers_protect(tmp_path, capsys, monkeypatch):
+    """bench's random decisions execute the blocks and the first tokens that trained routers always
+    execute (RouterConfig's defaults), in every sequence, and the rows report what they run."""
+    import torch
+    from router import routing_stats
+    used, real = {}, bench.Routing
+
+    def spy(**kw):  # every decision tensor bench routes with
+        if kw.get("mode") == "force":
+            used[id(kw["force"])] = kw["force"]
+        return real(**kw)
+    monkeypatch.setattr(bench, "Routing", spy)
+    base = save_tiny_model(tmp_path / "base", n_layers=6)
+    bench.main(["--model", str(base), "--regimes", "prefill24,decode16x3", "--repeats", "1", "--decode_steps", "2",
+                "--batched_decode_steps", "3", "--threads", "1", "--plot", "", "--sparsities", "0.25,0.5",
+                "--compile", "false", "--transformers", "false"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = RouterConfig()
+    assert cfg.protect_first_tokens >= 1 and len(used) == 4  # 2 regimes x 2 sparsities
+    for force in used.values():
+        assert force[..., :cfg.protect_first_tokens].eq(1).all()  # every block, sublayer and sequence
+        assert force[:cfg.protect_first].eq(1).all()
+        assert force[cfg.protect_first:, :, :, cfg.protect_first_tokens:].eq(0).any()  # the rest does skip
+    # the sparsity each prefill row reports is measured from the decisions it ran
+    args = load(base).args
+    measured = sorted(routing_stats(f, args)["param_sparsity"] for f in used.values() if f.shape[-1] == 24)
+    rows = [r for r in out["results"] if r["variant"] == "fast" and r["regime"] == "prefill24"]
+    assert sorted(1 - r["gated_param_fraction"] for r in rows) == pytest.approx(measured, abs=1e-6)
+    # and the skip probability makes up for the protected blocks and tokens: the named sparsity, on average
+    gen = torch.Generator().manual_seed(0)
+    for s in (0.25, 0.5):
+        for length, timed_from in ((24, 0), (40, 24)):  # a prefill; a decode after 24 tokens of context
+            d = bench.random_routing(args, cfg, s, 2000, length, gen, timed_from=timed_from)
+            assert routing_stats(d[..., timed_from:], args)["param_sparsity"] == pytest.approx(s, abs=0.01)
+    with pytest.raises(bench.UserError):  # beyond what the unprotected blocks can skip
+        bench.random_routing(args, cfg, 0.6, 1, 24, gen)
 
 
 def test_evict_accounting_matches_the_counted_flops():

@@ -286,8 +286,7 @@ def _router_gradients(rank, model_dir, x, y, noise, world, init_file, out_file):
 
 
 def _loss_and_gradients(model_dir, x, y, rank, world, out_file):
-    from common import all_reduce_mean
-    from training import average_gradients
+    from training import all_reduce_mean, average_gradients
     s = train_stage1.Settings(protect_first=0, target_sparsity=0.3, sparsity_warmup=0.0, max_iters=10)
     model = load(model_dir)
     for p in model.parameters():
@@ -296,7 +295,7 @@ def _loss_and_gradients(model_dir, x, y, rank, world, out_file):
     model.add_routers(s.router_config()).train()
     params = [p for n, p in model.named_parameters() if "_router." in n]
     all_reduce = (lambda t: all_reduce_mean(t, world)) if world > 1 else None
-    loss, info = train_stage1.Stage().loss(model, x, y, 5, s, contextlib.nullcontext(), all_reduce)
+    loss, info = train_stage1.loss(model, x, y, 5, s, contextlib.nullcontext(), all_reduce)
     loss.backward()
     if world > 1:
         average_gradients(params, world)

@@ -1,8 +1,9 @@
-"""The settings machinery (common.py) both stages share: every setting declares the values it allows,
-and they are checked in one place."""
+"""The loop both stages share (training.py) and the settings machinery (common.py): every setting
+declares the values it allows and they are checked in one place; the loop knows no stage by name."""
 import dataclasses
 import inspect
 import re
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -16,6 +17,13 @@ import training
 from common import parse_settings, setting
 from errors import UserError
 from router import RouterConfig
+from tiny import save_tiny_data, save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    return save_tiny_model(d / "base"), save_tiny_data(d / "data")
 
 
 def test_a_setting_declares_its_choices_or_range_and_one_check_enforces_them():
@@ -53,6 +61,30 @@ def test_common_has_no_linear_beside_the_models_matrix_product():
     assert not hasattr(common, "linear")
     s = train_stage1.Settings(max_iters=5, tau_start=5.0, tau_end=1.0)
     assert [train_stage1.tau_at(i, s) for i in range(5)] == pytest.approx([5.0, 4.0, 3.0, 2.0, 1.0])
+
+
+def test_build_returns_what_its_docstring_says(tiny):
+    base, data = tiny
+    s = train_stage1.Settings(init_from=str(base), data_dir=str(data))
+    model_, groups, init_dir = train_stage1.Stage().build(s, "cpu", None)
+    assert init_dir == str(base) and groups[0]["params"]
+    for stage in (train_stage1.Stage, train_stage2.Stage):
+        assert "-> (model, param groups, init_dir" in stage.build.__doc__
+    assert "build(s, device, resume_cfg) -> (model, param groups, init_dir)" in training.__doc__
+
+
+def test_the_resume_hint_names_the_script_that_ran(tiny, tmp_path, monkeypatch, capsys):
+    base, data = tiny
+    monkeypatch.setattr(sys, "argv", ["tools/train_stage1.py"])
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(training, "get_batch", interrupt)
+    with pytest.raises(SystemExit):
+        train_stage1.main(["--init_from", str(base), "--data_dir", str(data), "--out_dir", str(tmp_path / "run"),
+                           "--max_iters", "2", "--threads", "1"])
+    assert (f"Continue with: python tools/train_stage1.py --out_dir {tmp_path / 'run'} --resume true"
+            in capsys.readouterr().err)
 
 
 def test_router_docstring_names_real_code_and_the_default_budget():
