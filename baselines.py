@@ -37,7 +37,8 @@ def similarities(model, windows, batch_size=8):
     model.eval()
     try:
         for i in range(0, len(windows), batch_size):
-            tokens = windows[i:i + batch_size, :-1].to(model.tok_embeddings.weight.device)
+            # (no longer than the model's context: a small model calibrates on the windows' beginnings)
+            tokens = windows[i:i + batch_size, :-1][:, :model.args.max_seq_len].to(model.tok_embeddings.weight.device)
             model(tokens)
             for l in range(L):
                 x, out = (t.float() for t in seen[l, "block"])

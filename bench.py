@@ -8,14 +8,18 @@
 Variants, timed interleaved (each repetition runs every variant once, in rotating order, so drifts of
 this shared machine hit all alike; the median is reported; prefill 128 repeats 4x as often, so that
 every prefill median spans as many tokens as prefill 512's):
-    dense    the plain model
+    dense    the plain model, on the inference engine (fast.py)
     masked   routing the way training does it: every sublayer runs, skipped outputs are x 0 (saves nothing)
-    fast     only executing rows run each sublayer (model.py forward_fast): the real saving
+    fast     only executing rows run each sublayer, on the engine (fast.py): the real saving
+    ref-dense, ref-fast  model.py as written, dense and with its simple skipping path (gather the
+             executing rows, run the sublayer on them, add the result back) at the masked row's
+             sparsity: what skipping saves without any engineering, beside what the engine adds
+             (--engine reference runs every row on model.py instead, and drops these two)
     shortgpt the same parameter sparsity by removing whole blocks (baselines.py): the static reference
     transformers  LlamaForCausalLM on the same weights (where installed): what one would use instead
     floor    batch-1 decode only: one pass of one-row products over all the weights, as the model
-             multiplies (model.linear: per matrix, the faster of F.linear and split_linear as timed on
-             this machine, model.choose_products), and with F.linear only (floor_flinear): the least
+             multiplies (fast.linear: per matrix, the faster of F.linear and split_linear as timed on
+             this machine, fast.choose_products), and with F.linear only (floor_flinear): the least
              any decoder that multiplies that way spends per token
 Regimes: prefill of 128 and 512 tokens; decode of batch 1 after 128 and 512 tokens of context (32
 tokens per measurement); decode of batch 8 after 128 (16 steps of 8 tokens per measurement).
@@ -41,6 +45,7 @@ every other (block, sublayer, token) skips independently, with the probability t
 share of block parameters over the timed positions (random_routing).
 The last stdout line is one JSON object.
 """
+import copy
 import json
 import math
 import statistics
@@ -52,13 +57,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
+import fast
 from baselines import blocks_for_param_sparsity
 from checkpoint import load, read_config
 from common import ensure_data, load_split, parse_bool, sync, val_windows
 from convert import ensure_default_model
 from errors import ArgumentParser, UserError, cli
+from fast import ENGINES, FASTER_SPLIT, linear
 from lora import merge_lora
-from model import FASTER_SPLIT, linear
 from router import RouterConfig, Routing, block_params, calibrate_offset, module_params, routing_stats
 
 
@@ -225,12 +231,17 @@ def parse(argv=None):
     p.add_argument("--quick", action="store_true", help="small shapes and 2 repeats: a smoke test")
     p.add_argument("--plot", default="out/bench.png", help="PNG of measured vs ideal speedup")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=ENGINES, default="fast",
+                   help="fast: every row on the inference engine (fast.py), with model.py's reference rows beside "
+                        "(default) | reference: every row on model.py as written")
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
-                   help="torch.compile the block steps of one-token forwards (decode regimes; Transformer."
+                   help="torch.compile the block steps of one-token forwards (decode regimes; fast.py's "
                         "compile_decoding): auto = where torch.compile works here (default)")
     p.add_argument("--transformers", type=parse_bool, default=True, metavar="BOOL",
                    help="also time transformers' LlamaForCausalLM on the same weights, where it is installed (default: true)")
     a = p.parse_args(argv)
+    if a.engine == "reference" and a.compile == "true":
+        raise UserError("--compile true needs the engine: model.py runs as written (--engine fast)")
     if a.quick:
         a.repeats, a.decode_steps, a.batched_decode_steps, a.regimes = 2, 4, 4, "prefill64,decode64,decode32x4"
     if a.repeats < 1:
@@ -373,14 +384,14 @@ def run_hf_decode(hf, prefilled, context_len, steps, device):
 def decode_weights(model):
     """The matrices a dense decoding step multiplies by, as the dense path holds them (fused where it
     fuses), and the head: one pass of one-row products over them is the floor of a decoder that
-    multiplies as this one does (model.linear); with F.linear, that of a plain-PyTorch one."""
+    multiplies as this one does (fast.linear); with F.linear, that of a plain-PyTorch one."""
     mats = []
     for layer in model.layers:
         att, ffn = layer.attention, layer.feed_forward
-        fused = att.fused_weights()
+        fused = getattr(att, "fused", None)  # (the engine's; model.py's layers run one by one)
         mats += [fused[att.router_rows:]] if fused is not None else [att.wq.weight, att.wk.weight, att.wv.weight]
         mats += [att.wo.weight]
-        mats += [ffn.fused] if ffn.fused is not None else [ffn.w1.weight, ffn.w3.weight]
+        mats += [ffn.fused] if getattr(ffn, "fused", None) is not None else [ffn.w1.weight, ffn.w3.weight]
         mats += [ffn.w2.weight]
     return mats + [model.output.weight]
 
@@ -427,8 +438,10 @@ def main(argv=None):
         # pays there; the other blocks skip more, so each row still skips its named share (random_routing)
         model.add_routers(RouterConfig())
         model.to(dtype)
-    merge_lora(model).fuse_weights()  # inference: LoRA folded in, wq|wk|wv, w1|w3 and the routers one matmul each
-    compiled = a.compile != "false" and model.compile_decoding()
+    merge_lora(model)  # inference: LoRA folded in
+    reference = copy.deepcopy(model) if a.engine == "fast" else None  # model.py as written, timed beside the engine
+    model = fast.engine(model, a.engine)  # wq|wk|wv, w1|w3 and the routers one matmul each
+    compiled = a.engine == "fast" and a.compile != "false" and model.compile_decoding()
     if a.compile == "true" and not compiled:
         raise UserError("torch.compile does not run here (see above); run with --compile false")
     kv = model.router_cfg.kv
@@ -452,7 +465,7 @@ def main(argv=None):
     print(f"bench: {model.source.get('path')} | "
           f"{'trained routers ' + str(run_dir) + ' on held-out text' if trained else 'random routing on random ids'} | "
           f"{device} {str(dtype).replace('torch.', '')} | {torch.get_num_threads()} threads | "
-          f"decoding {'compiled' if compiled else 'eager'} | {products} | "
+          f"engine {a.engine} | decoding {'compiled' if compiled else 'eager'} | {products} | "
           f"{a.repeats} repeats (short prefills more), median{' | transformers ' + sys.modules['transformers'].__version__ if hf else ''}",
           file=sys.stderr)
 
@@ -482,6 +495,9 @@ def main(argv=None):
             variants[f"fast@{s}"] = (model, mk(True), s)
             if s == list(offsets)[min(1, len(offsets) - 1)]:  # masked once: it saves nothing at any sparsity
                 variants[f"masked@{s}"] = (model, mk(False), s)
+                if reference is not None:  # model.py as written: dense, and its simple skipping path
+                    variants["ref-dense"] = (reference, lambda: None, 0.0)
+                    variants[f"ref-fast@{s}"] = (reference, mk(True), s)
                 if reg["kind"] == "prefill":  # the same decisions on both paths give the same logits
                     with torch.no_grad():
                         diff = (model(tokens, routing=mk(True)())[0].float() - model(tokens, routing=mk(False)())[0].float())
@@ -616,13 +632,13 @@ def _costs(reg, variant, args, exec_attn, exec_mlp, read_attn, read_mlp, n_q, n_
            bpp, kv, device, dense_model, protected=0):
     """protected: the first blocks, which always execute and run no routers."""
     L = args.n_layers
-    routed = variant in ("fast", "masked")
-    counts_as_run = variant == "fast"  # masked runs everything whatever the gates say
+    routed = variant in ("fast", "masked", "ref-fast")
+    counts_as_run = variant in ("fast", "ref-fast")  # masked runs everything whatever the gates say
     fa, fm = (exec_attn, exec_mlp) if counts_as_run else ([1.0] * L, [1.0] * L)
     ra, rm = (read_attn, read_mlp) if counts_as_run else ([1.0] * L, [1.0] * L)
     evict = kv == "evict" and counts_as_run
     flops = analytic_flops(args, fa, fm, n_q, n_k, routers=routed, kv_mode="evict" if evict else "keep",
-                           packed_keys=evict and reg["kind"] == "prefill", protected=protected)
+                           packed_keys=evict and reg["kind"] == "prefill" and variant == "fast", protected=protected)
     dense_flops = analytic_flops(dense_model.args, [1.0] * dense_model.args.n_layers,
                                  [1.0] * dense_model.args.n_layers, n_q, n_k, routers=False)
     wbytes = weight_bytes(args, ra, rm, bpp, routers=routed, kv_mode="evict" if evict else "keep", protected=protected)

@@ -193,9 +193,11 @@ class Attention(nn.Module):
         rows = execute.reshape(-1).nonzero().squeeze(1)                             # (N,)
         b, t = rows // T, rows % T
         flat = x.reshape(B * T, -1)
-        kv_rows = rows if evict else torch.arange(B * T, device=x.device)           # who computes K and V
-        k = x.new_zeros(B * T, self.n_kv_heads * self.head_dim).index_copy(0, kv_rows, self.wk(flat[kv_rows]))
-        v = x.new_zeros(B * T, self.n_kv_heads * self.head_dim).index_copy(0, kv_rows, self.wv(flat[kv_rows]))
+        if evict:  # zeros for the skipped tokens: masked out as keys below
+            k = x.new_zeros(B * T, self.n_kv_heads * self.head_dim).index_copy(0, rows, self.wk(flat[rows]))
+            v = x.new_zeros(B * T, self.n_kv_heads * self.head_dim).index_copy(0, rows, self.wv(flat[rows]))
+        else:
+            k, v = self.wk(flat), self.wv(flat)
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         key_keep = execute if evict else None

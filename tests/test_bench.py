@@ -6,6 +6,7 @@ import statistics
 import pytest
 
 import bench
+import fast
 from checkpoint import load
 from router import RouterConfig
 from tiny import save_tiny_model
@@ -18,7 +19,7 @@ def test_bench_quick_on_a_tiny_model(tmp_path, capsys):
                 "--sparsities", "0,0.25,0.5", "--compile", "false"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = out["results"]
-    assert {r["variant"] for r in rows} == {"dense", "fast", "masked", "shortgpt", "transformers", "floor",
+    assert {r["variant"] for r in rows} == {"dense", "fast", "masked", "ref-dense", "ref-fast", "shortgpt", "transformers", "floor",
                                               "floor_flinear"}
     assert out["checks"]["prefill64 fast vs masked max |logit diff|"] < 1e-4  # the same decisions, the same logits
     assert all(math.isfinite(out["checks"][k]) for k in ("decode64 dense / floor", "decode64 F.linear floor / floor"))
@@ -29,7 +30,7 @@ def test_bench_quick_on_a_tiny_model(tmp_path, capsys):
     # analytic weight bytes of a dense step, less the norms' weights
     model = load(base)
     model.add_routers(RouterConfig())  # as bench adds them for random routing
-    model.fuse_weights()
+    fast.accelerate(model)
     a, dense = model.args, next(r for r in rows if r["variant"] == "dense" and r["regime"] == "decode64")
     norm_bytes = (2 * a.n_layers + 1) * a.dim * 4
     assert sum(m.numel() for m in bench.decode_weights(model)) * 4 == dense["weight_bytes_per_step"] - norm_bytes
@@ -62,9 +63,9 @@ def test_bench_quick_on_a_tiny_model(tmp_path, capsys):
             dense = by[("dense", regime, 0.0)]["flops_counted_per_token"]
             assert r["flops_counted_per_token"] >= dense, r
             assert by[("fast", regime, s)]["flops_counted_per_token"] < dense, r
-    fast = {r["sparsity"]: r for r in rows if r["variant"] == "fast" and r["regime"] == "prefill64"}
-    assert fast[0.5]["flops_per_token"] < fast[0.25]["flops_per_token"] < fast[0.0]["flops_per_token"]
-    assert fast[0.25]["executed_param_fraction"] == pytest.approx(0.75, abs=0.08)
+    fast_rows = {r["sparsity"]: r for r in rows if r["variant"] == "fast" and r["regime"] == "prefill64"}
+    assert fast_rows[0.5]["flops_per_token"] < fast_rows[0.25]["flops_per_token"] < fast_rows[0.0]["flops_per_token"]
+    assert fast_rows[0.25]["executed_param_fraction"] == pytest.approx(0.75, abs=0.08)
 
 
 def test_median_interval():
@@ -88,10 +89,10 @@ def test_median_interval():
     assert lo <= statistics.median(ratios) <= hi and wide[1] - wide[0] == pytest.approx(3 * (hi - lo))
     assert hi - lo < bench.median_interval(ratios[:10])[1] - bench.median_interval(ratios[:10])[0]
     # the speedup is the median of the paired ratios, the interval theirs
-    dense, fast = [2.0, 2.2, 1.8, 2.1, 2.0, 2.4, 1.9], [1.0, 2.0, 1.5, 1.4, 1.6, 2.0, 1.0]
-    ratios = [d / f for d, f in zip(dense, fast)]
-    assert bench.paired_speedup(dense, fast) == (statistics.median(ratios), min(ratios), max(ratios),
-                                                 pytest.approx(1 - 2 / 128))
+    dense, fast_times = [2.0, 2.2, 1.8, 2.1, 2.0, 2.4, 1.9], [1.0, 2.0, 1.5, 1.4, 1.6, 2.0, 1.0]
+    ratios = [d / f for d, f in zip(dense, fast_times)]
+    assert bench.paired_speedup(dense, fast_times) == (statistics.median(ratios), min(ratios), max(ratios),
+                                                       pytest.approx(1 - 2 / 128))
 
 
 def test_random_routing_protects_what_trained_routers_protect(tmp_path, capsys, monkeypatch):
@@ -132,24 +133,28 @@ def test_random_routing_protects_what_trained_routers_protect(tmp_path, capsys, 
         bench.random_routing(args, cfg, 0.6, 1, 24, gen)
 
 
-def test_evict_accounting_matches_the_counted_flops():
+@pytest.mark.parametrize("variant", ["fast", "ref-fast"])
+def test_evict_accounting_matches_the_counted_flops(variant):
     """Under evict, K/V run only for tokens that execute attention: the analytic count bench.py reports
-    is what FlopCounterMode sees the fast path do."""
+    is what FlopCounterMode sees each skipping path do (the engine's packs the keys too; model.py's
+    attends to every key position, the skipped ones masked)."""
     import torch
     from router import RouterConfig, Routing
     from tiny import tiny_model
     model = tiny_model(n_layers=4).eval().add_routers(RouterConfig(protect_first=0, kv="evict"))
+    if variant == "fast":
+        fast.accelerate(model)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 260, (1, 48), generator=gen)
     force = bench.random_decisions(model.args, 0.4, 1, 48, gen)
     reg = {"kind": "prefill", "name": "prefill48", "batch": 1, "length": 48}
-    row = bench.measure_costs(reg, "fast@0.4", model, lambda: Routing(mode="force", force=force, fast=True), tokens, 0,
-                              "cpu", 4, "evict", model)
+    row = bench.measure_costs(reg, f"{variant}@0.4", model, lambda: Routing(mode="force", force=force, fast=True),
+                              tokens, 0, "cpu", 4, "evict", model)
     assert row["flops_counted_per_token"] == pytest.approx(row["flops_per_token"], rel=1e-3)
     # and the same decisions under keep count the K/V projections of every token
     model.add_routers(RouterConfig(protect_first=0, kv="keep"))
-    keep = bench.measure_costs(reg, "fast@0.4", model, lambda: Routing(mode="force", force=force, fast=True), tokens, 0,
-                               "cpu", 4, "keep", model)
+    keep = bench.measure_costs(reg, f"{variant}@0.4", model, lambda: Routing(mode="force", force=force, fast=True),
+                               tokens, 0, "cpu", 4, "keep", model)
     assert keep["flops_counted_per_token"] > row["flops_counted_per_token"]
 
 
@@ -177,14 +182,14 @@ def test_bench_with_trained_routers_times_held_out_text(tmp_path, capsys):
     bench.main(["--routers", str(tmp_path / "run"), "--quick", "--threads", "1", "--plot", "",
                 "--transformers", "false"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    fast = {r["regime"]: r for r in out["results"] if r["variant"] == "fast"}
+    fast_rows = {r["regime"]: r for r in out["results"] if r["variant"] == "fast"}
     masked = {r["regime"]: r for r in out["results"] if r["variant"] == "masked"}
-    assert set(fast) == {"prefill64", "decode64", "decode32x4"}
+    assert set(fast_rows) == {"prefill64", "decode64", "decode32x4"}
     assert all(0.05 < r["sparsity"] < 0.9 and r["flops_counted_per_token"] < masked[g]["flops_counted_per_token"]
-               for g, r in fast.items())  # the routers skip on this text, and the fast path runs less
+               for g, r in fast_rows.items())  # the routers skip on this text, and the fast path runs less
     # the same routing, run in full: each row's sparsity comes from its own gates
-    assert all(abs(masked[g]["sparsity"] - fast[g]["sparsity"]) < 0.02 for g in fast)
-    assert all(masked[g]["executed_param_fraction"] == pytest.approx(1) for g in fast)
+    assert all(abs(masked[g]["sparsity"] - fast_rows[g]["sparsity"]) < 0.02 for g in fast_rows)
+    assert all(masked[g]["executed_param_fraction"] == pytest.approx(1) for g in fast_rows)
     assert out["checks"]["prefill64 fast vs masked max |logit diff|"] < 1e-4
 
 

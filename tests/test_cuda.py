@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import fast
+
 from model import ModelArgs, Transformer
 from router import RouterConfig, Routing
 
@@ -23,12 +25,12 @@ def routed(kv="keep"):
     return Transformer(ModelArgs(**ARGS)).cuda().eval().add_routers(RouterConfig(kv=kv, protect_first=0))
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("engine", ["reference", "fast"])
 @pytest.mark.parametrize("kv", ["keep", "evict"])
-def test_fast_equals_masked_on_cuda(kv, fused):
+def test_fast_equals_masked_on_cuda(kv, engine):
     model = routed(kv)
-    if fused:
-        model.fuse_weights()
+    if engine == "fast":
+        fast.accelerate(model)
     x = torch.randint(0, 300, (3, 64), device="cuda")
     force = (torch.rand(4, 2, 3, 64, device="cuda") > 0.4).float()
     with torch.no_grad():

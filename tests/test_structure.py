@@ -1,5 +1,6 @@
-"""The shape of the code: module imports form no cycle, the model file reads no files, no tool imports
-a training script, and every command-line tool answers a bad flag in one line."""
+"""The shape of the code: module imports form no cycle, the model file is the reference (small, no speed
+machinery: that is the engine's, fast.py), LoRA knows only nn.Linear, no tool imports a training
+script, and every command-line tool answers a bad flag in one line."""
 import ast
 import subprocess
 import sys
@@ -43,6 +44,22 @@ def test_project_imports_form_no_cycle():
 def test_the_model_file_is_only_the_model():
     assert project_imports(MODULES["model"]) <= {"router", "errors"}
     assert project_imports(MODULES["router"]) == set()
+
+
+def test_the_model_file_is_the_reference_and_the_engine_stands_beside_it():
+    """model.py reads top to bottom in one sitting: at most 450 lines, none of the engine's machinery
+    (compilation, in-graph branches, timing, private torch state); fast.py holds it and builds on
+    model.py, which never imports it; lora.py knows only nn.Linear."""
+    source = MODULES["model"].read_text()
+    assert len(source.splitlines()) <= 450
+    for word in ("torch.compile", "torch.cond", "perf_counter", "_version", "_parameters", "_dynamo"):
+        assert word not in source, word
+    engine = MODULES["fast"].read_text()
+    assert all(word in engine for word in ("torch.compile", "torch.cond", "perf_counter", "_version", "_parameters"))
+    assert "model" in project_imports(MODULES["fast"])
+    assert all("fast" not in project_imports(path) for name, path in MODULES.items()
+               if name in ("model", "router", "lora", "train_stage1", "train_stage2", "training", "common"))
+    assert project_imports(MODULES["lora"]) <= {"errors"}
 
 
 def test_no_tool_imports_a_training_script():
