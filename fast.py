@@ -22,7 +22,8 @@ less overhead. Every path here equals model.py's masked reference (tests/test_ro
   DECODE_GROUP blocks per graph, a routed sublayer a real branch inside the graph (torch.cond);
   several sequences decode through one graph for their executing rows.
 
-model.py never imports this file; training never uses it (stage 1 trains the masked reference).
+model.py never imports this file; training never uses it (stage 1 trains model.py's masked path,
+stage 2 its skipping path).
 """
 import math
 import statistics
@@ -80,8 +81,8 @@ def choose_products(weights, repeats=7):
     one row and on FEW_ROWS // 2 rows and record the faster in FASTER_SPLIT. -> the number of shapes
     measured now. Each timing is one pass over every matrix of that shape (one per block: read from
     memory, as decoding reads them, not from a cache that one matrix timed again and again would sit
-    in), the two products interleaved, the median of `repeats` passes: timed on one small matrix, the
-    choice came out differently from one process to the next here."""
+    in), the two products interleaved, the median of `repeats` passes (one small matrix timed alone
+    is too noisy to choose by)."""
     by_shape = {}
     for w in weights:
         if w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous() and math.gcd(w.shape[0], 8) > 1:
@@ -108,9 +109,8 @@ class Linear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-DECODE_GROUP = 10  # blocks per compiled graph in one-token forwards (measured here, dense / routed decode
-                   # tokens/s vs one block per graph: 5 blocks 1.10x / 1.05x, 10 blocks 1.17x / 1.13x, 15 1.12x / 1.17x)
-ATTN_CHUNK = 64  # queries per attention call on the fast path, one sequence on a CPU (Attention._attend_by_position)
+DECODE_GROUP = 10  # blocks per compiled graph in one-token forwards (docs/SPEED.md: how many pay off)
+ATTN_CHUNK = 64  # queries per attention call on the fast path, one sequence on a CPU (FastAttention._attend_by_position)
 
 
 
@@ -584,7 +584,7 @@ class FastTransformer(Transformer):
         same state dict). Training never uses them (train mode); adding LoRA drops them (lora.add_lora),
         so does moving, casting or reloading the model, and a router changed in place is not folded.
         On a CPU it also times the two few-row products for each matrix decoding multiplies by, once
-        per process (choose_products: 1.7 s for SmolLM2-135M here).
+        per process (choose_products: a second or two for SmolLM2-135M on a CPU).
         Call it last: after moving the model to its device and dtype and merging any LoRA."""
         if any(getattr(m, "lora_A", None) is not None and not m.merged for m in self.modules()):
             raise UserError("merge the LoRA adapters before fusing the weights (lora.merge_lora)")
@@ -702,9 +702,9 @@ class FastTransformer(Transformer):
         (compiled decoding, a KV cache, "keep", deterministic or given decisions past the protected
         first tokens, and each block's routers folded: linear, reading the block input); () where
         block i takes its own path (not compiled, masked routing, several sequences: each batch size
-        and group length is a compilation of its own, ~20-60 s here). This runs for every decoded token, between calls into
-        compiled code, where a Python operation took 3-10x as long as in a loop of its own here (every
-        condition checked for every block took 0.76 ms per token): what the blocks share is checked once."""
+        and group length is a compilation of its own). This runs for every decoded token, between calls
+        into compiled code, where Python operations cost several times what they cost in a loop of their
+        own (docs/SPEED.md): what the blocks share is checked once."""
         if x.shape[0] * x.shape[1] != 1 or blocks[i].decode_steps is None:
             return (), False
         if routing is None:

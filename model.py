@@ -173,17 +173,19 @@ class Attention(nn.Module):
     def attend(self, q, k, v, positions, key_keep=None):
         """Queries q (B, nh, Tq, hd) at absolute positions (B, Tq) attend to keys k, v (B, nkv, S, hd) at
         positions 0..S-1: each to the keys at or before its own position (causal) and, under evict,
-        only to kept keys (key_keep (B, S)) or itself. -> (B, nh, Tq, hd)."""
+        only to kept keys (key_keep (B, S)) or itself. A query at position -1 is an empty slot: it
+        sees every key (a finite result, never read). -> (B, nh, Tq, hd)."""
         S = k.shape[2]
         key_pos = torch.arange(S, device=q.device)
         mask = key_pos[None, None, :] <= positions[:, :, None]                      # (B, Tq, S)
         if key_keep is not None:
             mask = mask & (key_keep[:, None, :] | (key_pos[None, None, :] == positions[:, :, None]))
+        mask = mask | (positions[:, :, None] < 0)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
                                               enable_gqa=self.n_heads != self.n_kv_heads)
 
     def forward_sparse(self, x, execute, cos, sin, start_pos=0, evict=False):
-        """Attention for the tokens that execute it only (execute (B, T) bool): the fast path.
+        """Attention for the tokens that execute it only (execute (B, T) bool): the skipping path.
 
         K and V: under "keep" every token computes them (later queries attend to skipped tokens
         too); under "evict" only executing tokens do, and the other tokens are masked out as keys.
@@ -193,9 +195,10 @@ class Attention(nn.Module):
         rows = execute.reshape(-1).nonzero().squeeze(1)                             # (N,)
         b, t = rows // T, rows % T
         flat = x.reshape(B * T, -1)
+        xe = flat.index_select(0, rows)                                             # (N, dim): the executing tokens
         if evict:  # zeros for the skipped tokens: masked out as keys below
-            k = x.new_zeros(B * T, self.n_kv_heads * self.head_dim).index_copy(0, rows, self.wk(flat[rows]))
-            v = x.new_zeros(B * T, self.n_kv_heads * self.head_dim).index_copy(0, rows, self.wv(flat[rows]))
+            k = x.new_zeros(B * T, self.n_kv_heads * self.head_dim).index_copy(0, rows, self.wk(xe))
+            v = x.new_zeros(B * T, self.n_kv_heads * self.head_dim).index_copy(0, rows, self.wv(xe))
         else:
             k, v = self.wk(flat), self.wv(flat)
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, nkv, T, hd)
@@ -206,14 +209,14 @@ class Attention(nn.Module):
             key_keep = cached_keep if evict else None
         if rows.numel() == 0:
             return rows, x.new_zeros(0, x.shape[-1])
-        q = self.wq(flat[rows]).view(-1, self.n_heads, self.head_dim)               # (N, nh, hd)
-        q = apply_rope(q, cos[t][:, None], sin[t][:, None])
+        q = self.wq(xe).view(-1, self.n_heads, self.head_dim)                       # (N, nh, hd)
+        q = apply_rope(q, cos.index_select(0, t)[:, None], sin.index_select(0, t)[:, None])
         # pack each sequence's queries to the left: (B, nh, n_q, hd), slot = rank among its executing tokens
         slot = (execute.cumsum(1) - 1).reshape(-1)[rows]
         n_q = int(execute.sum(1).max())
         q_packed = q.new_zeros(B, n_q, self.n_heads, self.head_dim)
         q_packed[b, slot] = q
-        positions = torch.zeros(B, n_q, dtype=torch.long, device=x.device)          # empty slots: never read
+        positions = torch.full((B, n_q), -1, device=x.device)                       # -1: an empty slot
         positions[b, slot] = t + start_pos
         y = self.attend(q_packed.transpose(1, 2), k, v, positions, key_keep)         # (B, nh, n_q, hd)
         y = y.transpose(1, 2)[b, slot].reshape(-1, self.n_heads * self.head_dim)     # (N, nh * hd)
@@ -264,7 +267,8 @@ class TransformerBlock(nn.Module):
         g_mlp = self.gate(self.ffn_router, x if self.router_cfg.mlp_input == "block" else h, routing, 1, start_pos)
         if routing.fast:  # the MLP on the executing tokens' rows only
             rows = g_mlp.reshape(-1).nonzero().squeeze(1)                               # (N,)
-            out = add_rows(h, rows, self.feed_forward(self.ffn_norm(h.reshape(-1, h.shape[-1])[rows])))
+            he = h.reshape(-1, h.shape[-1]).index_select(0, rows)                        # (N, dim)
+            out = add_rows(h, rows, self.feed_forward(self.ffn_norm(he)))
         else:
             out = h + g_mlp[..., None].to(h.dtype) * self.feed_forward(self.ffn_norm(h))
         return out, torch.stack([g_attn, g_mlp])

@@ -339,10 +339,13 @@ def test_calibrated_offset_hits_the_requested_sparsity():
         assert measure(offset) == pytest.approx(target, abs=0.02)
 
 
-def test_fast_path_gives_the_masked_paths_lora_gradients():
-    # stage 2 trains LoRA on model.py's skipping path: same loss and gradients as the masked reference
+@pytest.mark.parametrize("kv", ["keep", "evict"])
+def test_fast_path_gives_the_masked_paths_lora_gradients(kv):
+    # stage 2 trains LoRA on model.py's skipping path: same loss and gradients as the masked reference,
+    # also where a sequence has fewer executing queries than another (empty slots) and, under evict,
+    # no key before its first executing query
     from lora import add_lora, mark_only_lora_trainable
-    model = routed_model()
+    model = routed_model(kv=kv)
     add_lora(model, r=4, alpha=8, dropout=0.0)
     mark_only_lora_trainable(model)
     with torch.no_grad():
@@ -351,6 +354,7 @@ def test_fast_path_gives_the_masked_paths_lora_gradients():
                 p.normal_(0, 0.1)
     x, y = torch.randint(0, 101, (2, 16)), torch.randint(0, 101, (2, 16))
     force = (torch.rand(3, 2, 2, 16, generator=torch.Generator().manual_seed(3)) > 0.4).float()
+    force[:, 0, 0], force[:, 0, 1, :3] = 1, 0  # sequence 0: every query; sequence 1: fewer, its first tokens none
     grads = []
     for skipping in (False, True):
         model.zero_grad()

@@ -77,3 +77,12 @@ def test_a_bad_flag_is_one_line(script):
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0, p.stderr
     assert p.stderr.startswith("error:") and "usage:" not in p.stderr
+
+
+def test_one_place_for_each_piece_of_logic():
+    """A module's shallow copy is written once (model.shallow_copy, for pruned models); baselines.py
+    measures the blocks through the model's own forward (hooks): no private attribute of the model, no
+    sublayer called by hand (a second block forward to keep in step with the first)."""
+    sources = {name: path.read_text() for name, path in MODULES.items()}
+    assert [name for name, text in sources.items() if "nn.Module.__init__(" in text] == ["model"]
+    assert not any(word in sources["baselines"] for word in ("model._", ".attention(", ".feed_forward(", "rope"))
