@@ -625,12 +625,13 @@ def measure_costs(reg, name, m, routing_fn, tokens, steps, device, bpp, kv, dens
     cfg = getattr(m, "router_cfg", None)
     protected = min(cfg.protect_first, L) if cfg is not None else 0
     return _costs(reg, name.split("@")[0], m.args, exec_attn, exec_mlp, read_attn, read_mlp, n_q, n_k, counter,
-                  n_tok, T, steps, B, bpp, kv, device, dense_model, protected)
+                  n_tok, T, steps, B, bpp, kv, device, dense_model, protected, isinstance(m, fast.FastTransformer))
 
 
 def _costs(reg, variant, args, exec_attn, exec_mlp, read_attn, read_mlp, n_q, n_k, counter, n_tok, T, steps, B,
-           bpp, kv, device, dense_model, protected=0):
-    """protected: the first blocks, which always execute and run no routers."""
+           bpp, kv, device, dense_model, protected=0, engine=True):
+    """protected: the first blocks, which always execute and run no routers; engine: the model runs on
+    fast.py (which packs an evicting prefill's keys; model.py attends to every position, masked)."""
     L = args.n_layers
     routed = variant in ("fast", "masked", "ref-fast")
     counts_as_run = variant in ("fast", "ref-fast")  # masked runs everything whatever the gates say
@@ -638,7 +639,7 @@ def _costs(reg, variant, args, exec_attn, exec_mlp, read_attn, read_mlp, n_q, n_
     ra, rm = (read_attn, read_mlp) if counts_as_run else ([1.0] * L, [1.0] * L)
     evict = kv == "evict" and counts_as_run
     flops = analytic_flops(args, fa, fm, n_q, n_k, routers=routed, kv_mode="evict" if evict else "keep",
-                           packed_keys=evict and reg["kind"] == "prefill" and variant == "fast", protected=protected)
+                           packed_keys=evict and reg["kind"] == "prefill" and engine, protected=protected)
     dense_flops = analytic_flops(dense_model.args, [1.0] * dense_model.args.n_layers,
                                  [1.0] * dense_model.args.n_layers, n_q, n_k, routers=False)
     wbytes = weight_bytes(args, ra, rm, bpp, routers=routed, kv_mode="evict" if evict else "keep", protected=protected)

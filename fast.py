@@ -6,7 +6,8 @@
 
 accelerate() turns a model.Transformer into a FastTransformer in place: the same modules, weights
 and state dict, with engine subclasses of model.py's classes that run the same mathematics with
-less overhead. Every path here equals model.py's masked reference (tests/test_routing.py):
+less overhead. Every path here equals model.py's masked reference (tests/test_routing.py,
+tests/test_fast.py):
 
 - fused weights: [wk; wv; wq] and [w1; w3] as one matrix each (one matmul where there were three or
   two), the layers' weights views into them (no extra memory);
@@ -353,7 +354,7 @@ def branch(pred, run, skip, operands):
 
 def blocks_step(blocks, x, cos, sin, start_pos):
     """Plain (dense) blocks one after the other, attention then MLP in each. Compiled for one-token
-    forwards: one graph for a group of up to DECODE_GROUP blocks (Transformer._decode_group)."""
+    forwards: one graph for a group of up to DECODE_GROUP blocks (FastTransformer._decode_group)."""
     for block in blocks:
         x = mlp_step(block, attention_step(block, x, None, cos, sin, start_pos))
     return x
@@ -361,8 +362,8 @@ def blocks_step(blocks, x, cos, sin, start_pos):
 
 def routed_decode_step(block, x, cos, sin, start_pos, bias, offset, forced=None):
     """Batch-1 decoding through a routed block whose routers are folded into the attention's
-    matrix, under "keep" (Transformer._decode_group): the same result as
-    TransformerBlock._decode_one, written so that torch.compile makes the whole block one graph.
+    matrix, under "keep" (FastTransformer._decode_group): the same result as
+    FastBlock._decode_one, written so that torch.compile makes the whole block one graph.
 
     One matmul gives the routers' logits and the token's K and V; the decisions follow (hard
     routing at `offset`, or `forced` (2, 1, 1) given); K and V go to the cache (later tokens attend
@@ -395,7 +396,7 @@ def routed_decode_step(block, x, cos, sin, start_pos, bias, offset, forced=None)
 
 def routed_blocks_step(blocks, x, cos, sin, start_pos, biases, offset, forced):
     """routed_decode_step through consecutive blocks, as one compiled graph for up to DECODE_GROUP of
-    them (Transformer._decode_group): fewer calls into compiled code per token. biases: per block;
+    them (FastTransformer._decode_group): fewer calls into compiled code per token. biases: per block;
     forced: the blocks' given decisions (len(blocks), 2, 1, 1), or None under hard routing.
     -> (out (1, 1, dim), gates (len(blocks), 2, 1, 1))."""
     gates = []
@@ -407,7 +408,7 @@ def routed_blocks_step(blocks, x, cos, sin, start_pos, biases, offset, forced):
 
 def sparse_decode_step(block, x, xn, kv, attn_rows, mlp_rows, cos, sin, start_pos):
     """Several sequences decoding one token each through a routed block under "keep", the rows that
-    execute each sublayer known (TransformerBlock.forward_fast: one host sync per block sizes them):
+    execute each sublayer known (FastBlock.forward_fast: one host sync per block sizes them):
     the same result as the gather/scatter path, written so that torch.compile makes it one graph
     (its sizes dynamic: one graph serves every count of executing rows).
 
@@ -729,8 +730,12 @@ class FastTransformer(Transformer):
 def accelerate(model: Transformer, compile_decoding=False) -> "FastTransformer":
     """Make a model.Transformer the engine's, in place: the same modules and weights, engine
     classes (FastTransformer, FastBlock, FastAttention, FastFeedForward, Linear), fused weights.
-    Call it last: after moving the model to its device and dtype and merging any LoRA.
+    Call it last: after moving the model to its device and dtype and merging any LoRA, and before
+    copying it (a without_blocks copy shares its blocks with the model it came from, so converting
+    the copy would convert those blocks of the original too).
     compile_decoding: also torch.compile the one-token steps (falls back to eager, saying why)."""
+    if any(getattr(m, "lora_A", None) is not None and not m.merged for m in model.modules()):
+        raise UserError("merge the LoRA adapters before accelerating the model (lora.merge_lora)")
     for layer in model.layers:
         layer.__class__ = FastBlock
         if type(layer.attention) is Attention:  # (not a removed one: baselines.drop_attention)

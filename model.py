@@ -266,7 +266,7 @@ class TransformerBlock(nn.Module):
             h = x + g_attn[..., None].to(x.dtype) * self.attention(self.attention_norm(x), cos, sin, start_pos, key_keep)
         g_mlp = self.gate(self.ffn_router, x if self.router_cfg.mlp_input == "block" else h, routing, 1, start_pos)
         if routing.fast:  # the MLP on the executing tokens' rows only
-            rows = g_mlp.reshape(-1).nonzero().squeeze(1)                               # (N,)
+            rows = (g_mlp > 0.5).reshape(-1).nonzero().squeeze(1)                       # (N,)
             he = h.reshape(-1, h.shape[-1]).index_select(0, rows)                        # (N, dim)
             out = add_rows(h, rows, self.feed_forward(self.ffn_norm(he)))
         else:

@@ -177,12 +177,12 @@ def test_routing_is_causal(kv, mlp_input, engine):
 @pytest.mark.parametrize("kv", ["keep", "evict"])
 @pytest.mark.parametrize("skip", [0.0, 0.4, 1.0])
 def test_fast_path_equals_masked_path(kv, skip, engine):
-    model = routed_model(kv=kv, engine=engine)
+    model, reference = routed_model(kv=kv, engine=engine), routed_model(kv=kv)  # the same weights
     torch.manual_seed(1)
     B, T = 3, 20
     x = torch.randint(0, 101, (B, T))
     force = (torch.rand(3, 2, B, T) >= skip).float()
-    masked, _, _ = model(x, routing=Routing(mode="force", force=force))
+    masked, _, _ = reference(x, routing=Routing(mode="force", force=force))  # model.py's masked path
     skipped, _, _ = model(x, routing=Routing(mode="force", force=force, fast=True))
     assert (masked - skipped).abs().max() < 1e-4
     # decode against the KV cache, in chunks and one token at a time, batched and batch 1
@@ -294,9 +294,10 @@ def test_fast_path_equals_masked_path_with_router_decisions(kv, mlp_input, engin
     with and without the KV cache. Same gates, same logits."""
     model = decisive_routers(routed_model(kv=kv, mlp_input=mlp_input))
     model = fast.accelerate(model) if engine == "fast" else model
+    reference = decisive_routers(routed_model(kv=kv, mlp_input=mlp_input))  # the same weights, model.py as written
     x = torch.randint(0, 101, (3, 20), generator=torch.Generator().manual_seed(5))
     routing = dict(mode="hard", offset=0.5)
-    masked, _, g_masked = model(x, routing=Routing(**routing))
+    masked, _, g_masked = reference(x, routing=Routing(**routing))
     skipped, _, g_fast = model(x, routing=Routing(**routing, fast=True))
     assert 0.2 < g_masked.mean() < 0.9                            # both decisions occur
     assert torch.equal(g_masked, g_fast)
