@@ -266,6 +266,32 @@ def test_every_baseline_flag_builds_that_baseline(tiny_run, argv, kind):
         assert dropped == info["dropped_attention"] and len(dropped) >= 1 and model.args.n_layers == 4
 
 
+def test_engine_flag_picks_the_model_and_both_score_alike(tiny_run):
+    """--engine reference builds model.py as written, the default fast.py's engine; the same routed run
+    scores the same on both, and the baselines are built on the engine asked for."""
+    import contextlib
+    import fast
+    base, data = tiny_run
+    routed = ev.load(base).eval().add_routers(RouterConfig(protect_first=0))
+    x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for engine in ("reference", "fast"):
+        a = ev.parse_args(["--model", str(base), "--data_dir", str(data), "--engine", engine])
+        model, _, _, info = ev.build(a, base, base, "cpu", contextlib.nullcontext())
+        assert isinstance(model, fast.FastTransformer) == (engine == "fast") and info["kind"] == "dense"
+        a = ev.parse_args(["--model", str(base), "--data_dir", str(data), "--engine", engine, "--shortgpt", "1"])
+        pruned, _, _, _ = ev.build(a, base, base, "cpu", contextlib.nullcontext())
+        assert isinstance(pruned, fast.FastTransformer) == (engine == "fast")
+        m = fast.engine(ev.load(base).eval(), engine)
+        m.add_routers(RouterConfig(protect_first=0))
+        m.load_state_dict(routed.state_dict())
+        if engine == "fast":
+            fast.accelerate(m)  # (new routers drop the fused matrices: fuse them again with the loaded ones)
+        with torch.no_grad():
+            outs[engine] = m(x, routing=Routing(mode="hard", offset=0.5, fast=True))
+    assert (outs["reference"][0] - outs["fast"][0]).abs().max() < 1e-4 and torch.equal(outs["reference"][2], outs["fast"][2])
+
+
 def test_attention_drop_matches_params_then_modules():
     args = tiny_model(4).args
     attn_share = module_params(args, kv="evict")[0] / block_params(args)
