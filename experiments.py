@@ -524,11 +524,12 @@ def plot_curve(points, fit, path):
         a.plot(xs, [1 + fit["coefficient"] * x ** -fit["exponent"] for x in xs], ":", color="gray",
                label=f"power-law fit (extrapolated beyond {tokens[-1]:,})")
     a.set_xscale("log"), a.set_xlabel("stage-1 training tokens (log)"), a.set_ylabel("held-out perplexity / dense")
-    b.plot(tokens, [100 * p["eval"]["knowledge"] for p in points], "o-")
+    b.plot(tokens, [100 * p["eval"]["knowledge"] for p in points], "o-", label="SkipGPT routed")
+    b.plot(tokens, [100 * p["shortgpt"]["knowledge"] for p in points], "^--", label="ShortGPT at the same sparsity")
     b.set_xscale("log"), b.set_xlabel("stage-1 training tokens (log)"), b.set_ylabel("factual answers kept (%)")
-    b.set_ylim(0, 100)
-    for ax in (a, b):
-        ax.grid(alpha=0.3, which="both")
+    b.set_ylim(0, 100), b.legend(fontsize=7)
+    for ax in (a, b):  # the whole planned range, so that a partial curve shows what is still to come
+        ax.grid(alpha=0.3, which="both"), ax.set_xlim(min(CURVE_STEPS) * 512 / 1.5, max(CURVE_STEPS) * 512 * 1.5)
     a.legend(fontsize=7)
     fig.suptitle("SmolLM2-135M, stage 1 at 25%: the gap to dense against training tokens")
     fig.tight_layout()

@@ -249,3 +249,37 @@ def test_results_study_rows_and_table(tmp_path, monkeypatch, capsys):
     assert row.split(" | ")[5:8] == ["50%", "0.500", "0.600"] and "0.550 (100%)" in row and row.endswith("| 1.20x |")
     assert experiments.quality_curves("skipgpt-0.25", "routed") == ["SkipGPT (trained for each sparsity)",
                                                                      "SkipGPT 25% routers, recalibrated"]
+
+
+def test_curve_table_fit_and_resumable_training_commands(tmp_path, capsys, monkeypatch):
+    """The learning curve reads each finished point (run summary, its evaluation, ShortGPT's), fits
+    routed / dense - 1 = c tokens^-b (three points on an exact power law give b back), and trains a
+    point again with --resume where its checkpoint exists."""
+    import json
+    d = tmp_path / "curve"
+    b, c = 0.3, 40.0
+    for n in (100, 200, 400):
+        (d / f"steps{n}").mkdir(parents=True)
+        ratio = 1 + c * (n * 512) ** -b
+        (d / f"steps{n}" / "summary.json").write_text(json.dumps(
+            {"val_ppl_routed": 30 * ratio, "val_ppl_dense": 30.0, "val_ppl_shortgpt": 90.0, "shortgpt_blocks": 8,
+             "val_param_sparsity": 0.25, "train_seconds": n}))
+        ev = {"ppl": {"lambada": 100.0, "shakespeare": 90.0}, "knowledge": 0.5}
+        (d / f"eval-steps{n}.json").write_text(json.dumps(ev))
+        (d / f"shortgpt-steps{n}.json").write_text(json.dumps(ev | {"knowledge": 0.1}))
+    (d / "dense.json").write_text(json.dumps({"ppl": {"lambada": 47.0, "shakespeare": 46.0}}))
+    experiments.main(["curve", "--out_dir", str(d), "--max_steps", "400", "--report_only"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [p["steps"] for p in out["points"]] == [100, 200, 400] and out["missing"] == []
+    assert out["fit"]["exponent"] == pytest.approx(b, rel=1e-6) and out["fit"]["coefficient"] == pytest.approx(c, rel=1e-6)
+    assert out["fit"]["ratio_at_paper_tokens"] == pytest.approx(1 + c * (10_000 * 16 * 4096) ** -b, rel=1e-6)
+    assert (d / "learning_curve.png").exists() and "| 400 | 204,800 |" in (d / "learning_curve.md").read_text()
+    # a point whose run stopped resumes from its checkpoint; one never started starts
+    jobs = []
+    monkeypatch.setattr(experiments, "run_jobs", lambda js, n, log_dir: jobs.extend(js) or set())
+    (d / "steps800").mkdir()
+    (d / "steps800" / "ckpt.pt").write_text("")
+    experiments.main(["curve", "--out_dir", str(d)])  # (reports the three finished points again)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["missing"] == [800, 1600]
+    cmds = {j.name: j.cmd() if callable(j.cmd) else j.cmd for j in jobs if j.name.startswith("train-")}
+    assert "--resume" in cmds["train-steps800"] and "--overwrite" in cmds["train-steps1600"]
