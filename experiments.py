@@ -466,7 +466,9 @@ def study_curve(a):
         files = [d / f"steps{n}" / "summary.json", d / f"eval-steps{n}.json", d / f"shortgpt-steps{n}.json"]
         if all(f.exists() for f in files):
             run, ev, short = map(read, files)
-            points.append({"steps": n, "tokens": n * 4 * 128, "run": run, "eval": ev, "shortgpt": short})
+            t = read(d / f"steps{n}" / "config.json")["settings"]  # the run's own tokens per step
+            tokens = n * t["batch_size"] * t["block_size"] * t["gradient_accumulation_steps"]
+            points.append({"steps": n, "tokens": tokens, "run": run, "eval": ev, "shortgpt": short})
     if not points or not (d / "dense.json").exists():
         raise UserError(f"no finished point of the learning curve in {d} yet; run python experiments.py curve")
     dense = read(d / "dense.json")
@@ -490,11 +492,12 @@ def study_curve(a):
         slope, intercept = np.polyfit(x, y, 1)
         predict = lambda tokens: 1 + math.exp(intercept + slope * math.log(tokens))  # noqa: E731
         fit = {"exponent": -slope, "coefficient": math.exp(intercept), "paper_tokens": CURVE_PAPER_TOKENS, "ratio_at_paper_tokens": predict(CURVE_PAPER_TOKENS),
-               "tokens_for_1.5x": math.exp((math.log(0.5) - intercept) / slope) if slope < 0 else None}
+               "tokens_for_1.5x": math.exp((math.log(0.5) - intercept) / slope) if slope < 0 else None,
+               "tokens_per_step": points[-1]["tokens"] / points[-1]["steps"]}
         lines.append(f"\nFit (an extrapolation, not a measurement): routed / dense - 1 ~ tokens^{slope:.3f} over "
                      f"{len(points)} points; at the paper's {CURVE_PAPER_TOKENS / 1e6:.0f}M tokens it predicts "
                      f"{fit['ratio_at_paper_tokens']:.2f}x dense" + (f"; 1.5x at {fit['tokens_for_1.5x'] / 1e6:.2f}M tokens "
-                     f"({fit['tokens_for_1.5x'] / 512:,.0f} steps of 4 x 128)" if fit["tokens_for_1.5x"] else "") + ".")
+                     f"({fit['tokens_for_1.5x'] / fit['tokens_per_step']:,.0f} steps of the runs' size)" if fit["tokens_for_1.5x"] else "") + ".")
     lines.append(f"\nHeld-out general text: {points[0]['run']['val_ppl_dense']:.1f} dense perplexity; every run's own "
                  f"calibrated offset; ShortGPT removes the lowest-Block-Influence blocks. LAMBADA and the plays: eval.py "
                  f"--tasks none. Factual answers kept: tasks.KNOWLEDGE's prompts answered as dense answers them.")
@@ -528,8 +531,9 @@ def plot_curve(points, fit, path):
     b.plot(tokens, [100 * p["shortgpt"]["knowledge"] for p in points], "^--", label="ShortGPT at the same sparsity")
     b.set_xscale("log"), b.set_xlabel("stage-1 training tokens (log)"), b.set_ylabel("factual answers kept (%)")
     b.set_ylim(0, 100), b.legend(fontsize=7)
+    per_step = points[0]["tokens"] / points[0]["steps"]
     for ax in (a, b):  # the whole planned range, so that a partial curve shows what is still to come
-        ax.grid(alpha=0.3, which="both"), ax.set_xlim(min(CURVE_STEPS) * 512 / 1.5, max(CURVE_STEPS) * 512 * 1.5)
+        ax.grid(alpha=0.3, which="both"), ax.set_xlim(min(CURVE_STEPS) * per_step / 1.5, max(CURVE_STEPS) * per_step * 1.5)
     a.legend(fontsize=7)
     fig.suptitle("SmolLM2-135M, stage 1 at 25%: the gap to dense against training tokens")
     fig.tight_layout()

@@ -185,20 +185,11 @@ class FastAttention(Attention):
             k, v, key_keep_all = self.cache.update(start_pos, k, v, key_keep)
             if key_keep is not None:
                 key_keep = key_keep_all
-        S = k.shape[2]  # number of keys: start_pos + T
-        if key_keep is None and (start_pos == 0 or T == 1):
-            mask, causal = None, T > 1  # plain causal prefill, or one new token that sees every cached key
-        else:
-            # query i (absolute position start_pos + i) sees keys j <= start_pos + i ...
-            q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
-            k_pos = torch.arange(S, device=x.device)
-            mask = (k_pos[None, :] <= q_pos[:, None])[None, None]                  # (1, 1, T, S)
-            if key_keep is not None:
-                # ... and, under eviction, only keys that were kept, or itself
-                mask = mask & (key_keep[:, None, None, :] | (k_pos[None, :] == q_pos[:, None])[None, None])
-            causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        if key_keep is None and (start_pos == 0 or T == 1):  # plain causal prefill, or one token that sees every key
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_heads != self.n_kv_heads)
+        else:  # model.py's mask: causal by absolute position, and under evict only kept keys or itself
+            positions = torch.arange(start_pos, start_pos + T, device=x.device)[None].expand(B, T)
+            y = self.attend(q, k, v, positions, key_keep)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
     def sparse_rows(self, x, execute, rows, per_seq, cos, sin, start_pos=0, evict=False, kv=None):
@@ -587,8 +578,7 @@ class FastTransformer(Transformer):
         On a CPU it also times the two few-row products for each matrix decoding multiplies by, once
         per process (choose_products: a second or two for SmolLM2-135M on a CPU).
         Call it last: after moving the model to its device and dtype and merging any LoRA."""
-        if any(getattr(m, "lora_A", None) is not None and not m.merged for m in self.modules()):
-            raise UserError("merge the LoRA adapters before fusing the weights (lora.merge_lora)")
+        refuse_unmerged_lora(self)
         cfg = self.router_cfg
         for layer in self.layers:
             att, ffn, head = layer.attention, layer.feed_forward, None
@@ -727,6 +717,12 @@ class FastTransformer(Transformer):
 
 
 
+def refuse_unmerged_lora(model):
+    """The fused matrices hold the base weights only: an unmerged adapter would be skipped."""
+    if any(getattr(m, "lora_A", None) is not None and not m.merged for m in model.modules()):
+        raise UserError("merge the LoRA adapters before fusing the weights (lora.merge_lora)")
+
+
 def accelerate(model: Transformer, compile_decoding=False) -> "FastTransformer":
     """Make a model.Transformer the engine's, in place: the same modules and weights, engine
     classes (FastTransformer, FastBlock, FastAttention, FastFeedForward, Linear), fused weights.
@@ -734,8 +730,7 @@ def accelerate(model: Transformer, compile_decoding=False) -> "FastTransformer":
     copying it (a without_blocks copy shares its blocks with the model it came from, so converting
     the copy would convert those blocks of the original too).
     compile_decoding: also torch.compile the one-token steps (falls back to eager, saying why)."""
-    if any(getattr(m, "lora_A", None) is not None and not m.merged for m in model.modules()):
-        raise UserError("merge the LoRA adapters before accelerating the model (lora.merge_lora)")
+    refuse_unmerged_lora(model)  # before any class changes: a refused model stays as it was
     for layer in model.layers:
         layer.__class__ = FastBlock
         if type(layer.attention) is Attention:  # (not a removed one: baselines.drop_attention)

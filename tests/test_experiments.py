@@ -264,6 +264,8 @@ def test_curve_table_fit_and_resumable_training_commands(tmp_path, capsys, monke
         (d / f"steps{n}" / "summary.json").write_text(json.dumps(
             {"val_ppl_routed": 30 * ratio, "val_ppl_dense": 30.0, "val_ppl_shortgpt": 90.0, "shortgpt_blocks": 8,
              "val_param_sparsity": 0.25, "train_seconds": n}))
+        (d / f"steps{n}" / "config.json").write_text(json.dumps(
+            {"settings": {"batch_size": 4, "block_size": 128, "gradient_accumulation_steps": 1}}))
         ev = {"ppl": {"lambada": 100.0, "shakespeare": 90.0}, "knowledge": 0.5}
         (d / f"eval-steps{n}.json").write_text(json.dumps(ev))
         (d / f"shortgpt-steps{n}.json").write_text(json.dumps(ev | {"knowledge": 0.1}))
