@@ -2,6 +2,7 @@
 
     python experiments.py results             # dense, LoRA, SkipGPT at 10 / 25 / 40%, static baselines, with LoRA too (hours)
     python experiments.py headline            # 40% + LoRA (3 seeds) against dense and ShortGPT + LoRA, 1,000 documents per task
+    python experiments.py headline --stage1_iters 1600   # the same with 1,600 stage-1 steps, 1 seed (hours; resumes)
     python experiments.py ablations           # router kind, MLP router input, weighting, budget, K/V, joint, alpha; 3 seeds
     python experiments.py ablations --quick   # the same rows, 16 short steps each, ranked beside the full study (~8 min)
     python experiments.py curve               # stage 1 at 25% for 100 ... 1,600 steps: the learning curve (hours; resumes)
@@ -35,6 +36,8 @@ headline (out/headline/):
   with its standard error from the paired per-document outcomes (eval.paired_difference). SkipGPT's
   two stages run with --seeds seeds (1337, 1338, ...; out/stage1-t0.40-seed1338, ...), the first
   seed's comparison whole before the next seed trains; the table gives each seed and their mean.
+  --stage1_iters N: the same study with N stage-1 steps (one seed unless --seeds), every run and
+  result in runs/headline-stepsN/ (tracked by git, so that it resumes across sessions).
 curve (runs/learning_curve/, tracked by git so that the study resumes across machines and sessions):
   stage 1 at 25% with the default settings for CURVE_STEPS steps (same seed), each run then evaluated
   with eval.py --tasks none (held-out general and plays perplexity, LAMBADA, the factual prompts) at its
@@ -335,7 +338,10 @@ HEADLINE_LIMIT = 1000  # documents per task (all of a task that has fewer), Hell
 
 
 def study_headline(a):
-    d = Path(a.out_dir or "out/headline")
+    # the long form (--stage1_iters N) lives under runs/ (tracked by git) so that it resumes across sessions
+    long_form = a.stage1_iters is not None
+    d = Path(a.out_dir or (f"runs/headline-steps{a.stage1_iters}" if long_form else "out/headline"))
+    runs = d if long_form else Path("out")
     base = load(ensure_default_model())
     n_blocks = baselines.blocks_for_param_sparsity(base.args.n_layers, HEADLINE_SPARSITY)
     s = f"{HEADLINE_SPARSITY:.2f}"
@@ -345,18 +351,26 @@ def study_headline(a):
     def tag(seed):  # the first seed keeps the plain names (out/stage1-t0.40, the README's commands)
         return "" if seed == FIRST_SEED else f"-seed{seed}"
 
+    def stage1_cmd(seed):  # a long run resumes from its checkpoint (every 50 steps), else starts over
+        run = runs / f"stage1-t{s}{tag(seed)}"
+        cmd = [PY, "train_stage1.py", "--target_sparsity", s, "--out_dir", str(run), "--threads", "1", "--seed", str(seed)]
+        if long_form:
+            cmd += ["--max_iters", str(a.stage1_iters), *(["--resume", "true"] if (run / "ckpt.pt").exists() else ["--overwrite", "true"])]
+        return cmd
+
     def skipgpt_jobs(seed):  # stage 1 at 40%, LoRA on it, its evaluation recalibrated to 40% on task-like text
         t, flags = tag(seed), ["--threads", "1", "--seed", str(seed)]
-        return [Job(f"train-stage1{t}", [PY, "train_stage1.py", "--target_sparsity", s, "--out_dir", f"out/stage1-t{s}{t}", *flags],
-                    f"out/stage1-t{s}{t}/summary.json"),
-                Job(f"train-stage2{t}", [PY, "train_stage2.py", "--init_from", f"out/stage1-t{s}{t}", "--out_dir", f"out/stage2-t{s}{t}",
-                                         *flags], f"out/stage2-t{s}{t}/summary.json", [f"train-stage1{t}"]),
-                Job(f"skipgpt+lora{t}", eval_cmd(d / f"skipgpt+lora{t}.json", "--model", f"out/stage2-t{s}{t}", "--sparsity", s, *limits),
+        stage1, stage2 = runs / f"stage1-t{s}{t}", runs / f"stage2-t{s}{t}"
+        return [Job(f"train-stage1{t}", lambda seed=seed: stage1_cmd(seed), stage1 / "summary.json"),
+                Job(f"train-stage2{t}", [PY, "train_stage2.py", "--init_from", str(stage1), "--out_dir", str(stage2), *flags],
+                    stage2 / "summary.json", [f"train-stage1{t}"]),
+                Job(f"skipgpt+lora{t}", eval_cmd(d / f"skipgpt+lora{t}.json", "--model", stage2, "--sparsity", s, *limits),
                     d / f"skipgpt+lora{t}.json", [f"train-stage2{t}"])]
-    static = [Job("train-shortgpt+lora", [PY, "train_stage2.py", "--shortgpt", str(n_blocks), "--out_dir",
-                                          f"out/stage2-shortgpt{n_blocks}", "--threads", "1"], f"out/stage2-shortgpt{n_blocks}/summary.json"),
+    shortgpt_run = runs / f"stage2-shortgpt{n_blocks}"
+    static = [Job("train-shortgpt+lora", [PY, "train_stage2.py", "--shortgpt", str(n_blocks), "--out_dir", str(shortgpt_run),
+                                          "--threads", "1"], shortgpt_run / "summary.json"),
               Job("dense", eval_cmd(d / "dense.json", *limits), d / "dense.json"),
-              Job("shortgpt+lora", eval_cmd(d / "shortgpt+lora.json", "--model", f"out/stage2-shortgpt{n_blocks}", *limits),
+              Job("shortgpt+lora", eval_cmd(d / "shortgpt+lora.json", "--model", shortgpt_run, *limits),
                   d / "shortgpt+lora.json", ["train-shortgpt+lora"])]
     # seed-major: the first seed's comparison (with dense and ShortGPT + LoRA) is whole before more seeds train
     first = skipgpt_jobs(seeds[0])
@@ -385,7 +399,7 @@ def study_headline(a):
         return (f"| {label} | {ps:.3f} | {ps * block_share:.3f} | {avg:.4f} | {avg / dense['avg_harness']:.1%} | "
                 f"{'{:+.4f} ({:.4f})'.format(*diff) if diff else ''} | {r['ppl']['general']:.1f} | {r['ppl']['lambada']:.1f} |")
     lines.append(one("dense SmolLM2-135M", dense))
-    label = f"SkipGPT stage 1 + LoRA, {HEADLINE_SPARSITY:.0%}"
+    label = f"SkipGPT stage 1{f' ({a.stage1_iters:,} steps)' if long_form else ''} + LoRA, {HEADLINE_SPARSITY:.0%}"
     for seed, r in routed.items():
         lines.append(one(label + (f", seed {seed}" if len(seeds) > 1 else ""), r, minus_dense[seed]))
     if len(seeds) > 1:  # mean over the seeds, (range) beside the average and the difference
@@ -742,7 +756,10 @@ def parse_args(argv=None):
     p.add_argument("--rows", nargs="+", default=[r[0] for r in ABLATIONS],
                    help="ablations: only these rows (and the default row, always): "
                         + " ".join(r[0] for r in ABLATIONS))
-    p.add_argument("--seeds", type=int, default=None, help="ablations: training seeds per row; headline: SkipGPT's seeds (default 3; quick form 1)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="ablations: training seeds per row; headline: SkipGPT's seeds (default 3; quick form and --stage1_iters: 1)")
+    p.add_argument("--stage1_iters", type=int, default=None,
+                   help="headline: stage 1 this many steps (default: train_stage1.py's), the study in runs/headline-stepsN")
     p.add_argument("--jobs", type=int, default=2, help="jobs at a time, one CPU thread each")
     p.add_argument("--limit", type=int, default=HEADLINE_LIMIT,
                    help=f"headline: the first N documents of every task, HellaSwag included (default {HEADLINE_LIMIT})")
@@ -763,7 +780,9 @@ def parse_args(argv=None):
     unknown = [r for r in a.rows if r not in [row for row, _, _ in ABLATIONS]]
     if unknown:
         raise UserError(f"unknown ablation row(s) {', '.join(unknown)}; choose from {', '.join(r[0] for r in ABLATIONS)}")
-    a.seeds = a.seeds if a.seeds is not None else (1 if a.quick else 3)
+    if a.stage1_iters is not None and (a.study != "headline" or a.stage1_iters < 1):
+        raise UserError("--stage1_iters N (N >= 1) is a form of the headline: python experiments.py headline --stage1_iters 1600")
+    a.seeds = a.seeds if a.seeds is not None else (1 if a.quick or a.stage1_iters else 3)
     if a.seeds < 1:
         raise UserError("--seeds must be >= 1")
     return a

@@ -97,7 +97,7 @@ def test_headline_commands_and_verdicts(tmp_path, monkeypatch, capsys):
 
     def fake_run_jobs(jobs, n_parallel, log_dir):
         for j in jobs:
-            seen[j.name] = list(map(str, j.cmd))
+            seen[j.name] = list(map(str, j.cmd() if callable(j.cmd) else j.cmd))
             if j.name in outcomes:
                 c = outcomes[j.name]
                 task = {"acc": sum(c) / len(c), "acc_norm": sum(c) / len(c), "n": len(c), "majority": 0.6,
@@ -132,6 +132,25 @@ def test_headline_commands_and_verdicts(tmp_path, monkeypatch, capsys):
     assert "(seed 1337) does not match dense" in out and "(seed 1338) matches dense" in out
     assert "above by more than two standard errors" in out
     assert "| 0.6250 (0.5000-0.7500) | 83.3% | -0.1250 (-0.2500 to +0.0000) |" in out
+
+    # the long form: one seed, stage 1 for N steps, every run inside the study's directory (tracked,
+    # resumable): a run with a checkpoint resumes, one without starts over
+    seen.clear()
+    long_dir = tmp_path / "long"
+    (long_dir / "stage1-t0.40").mkdir(parents=True)
+    (long_dir / "stage1-t0.40" / "ckpt.pt").write_bytes(b"")
+    experiments.main(["headline", "--out_dir", str(long_dir), "--stage1_iters", "1600"])
+    s1, s2, sg = seen["train-stage1"], seen["train-stage2"], seen["train-shortgpt+lora"]
+    assert "train-stage1-seed1338" not in seen
+    assert s1[s1.index("--max_iters") + 1] == "1600" and s1[s1.index("--resume") + 1] == "true"
+    assert s1[s1.index("--out_dir") + 1] == s2[s2.index("--init_from") + 1] == str(long_dir / "stage1-t0.40")
+    assert sg[sg.index("--out_dir") + 1] == str(long_dir / "stage2-shortgpt4")
+    assert "SkipGPT stage 1 (1,600 steps) + LoRA, 40%" in capsys.readouterr().out
+    (long_dir / "stage1-t0.40" / "ckpt.pt").unlink()
+    experiments.main(["headline", "--out_dir", str(long_dir), "--stage1_iters", "1600"])
+    assert "--overwrite" in seen["train-stage1"] and "--resume" not in seen["train-stage1"]
+    with pytest.raises(experiments.UserError, match="--stage1_iters"):
+        experiments.main(["curve", "--stage1_iters", "1600"])
 
 
 def test_ablation_rows_with_seeds_and_one_row_as_one_command(tmp_path, monkeypatch, capsys):
