@@ -482,7 +482,8 @@ def study_curve(a):
             run, ev, short = map(read, files)
             t = read(d / f"steps{n}" / "config.json")["settings"]  # the run's own tokens per step
             tokens = n * t["batch_size"] * t["block_size"] * t["gradient_accumulation_steps"]
-            points.append({"steps": n, "tokens": tokens, "run": run, "eval": ev, "shortgpt": short})
+            points.append({"steps": n, "tokens": tokens, "run": run, "eval": ev, "shortgpt": short,
+                           "train_seconds": wall_seconds(d / f"steps{n}")})
     if not points or not (d / "dense.json").exists():
         raise UserError(f"no finished point of the learning curve in {d} yet; run python experiments.py curve")
     dense = read(d / "dense.json")
@@ -493,7 +494,7 @@ def study_curve(a):
         r, ev, sh = p["run"], p["eval"], p["shortgpt"]
         p["ratio"] = r["val_ppl_routed"] / r["val_ppl_dense"]
         p["shortgpt_ratio"] = r["val_ppl_shortgpt"] / r["val_ppl_dense"]
-        lines.append(f"| {p['steps']} | {p['tokens']:,} | {r['train_seconds'] / 60:.0f} min | {r['val_param_sparsity']:.3f} | "
+        lines.append(f"| {p['steps']} | {p['tokens']:,} | {p['train_seconds'] / 60:.0f} min | {r['val_param_sparsity']:.3f} | "
                      f"{r['val_ppl_routed']:.1f} | {p['ratio']:.2f}x | {r['shortgpt_blocks']} blocks: {r['val_ppl_shortgpt']:.1f} | "
                      f"{r['val_ppl_shortgpt'] / r['val_ppl_routed']:.2f}x | {ev['ppl']['lambada']:.1f} | "
                      f"{sh['ppl']['lambada']:.1f} | {ev['ppl']['shakespeare']:.1f} | {ev['knowledge']:.0%} |")
@@ -517,7 +518,7 @@ def study_curve(a):
                  f"--tasks none. Factual answers kept: tasks.KNOWLEDGE's prompts answered as dense answers them.")
     figure = Path("docs/learning_curve.png") if a.out_dir is None else d / "learning_curve.png"
     plot_curve(points, fit, figure)
-    summary = {"points": [{"steps": p["steps"], "tokens": p["tokens"], "train_seconds": p["run"]["train_seconds"],
+    summary = {"points": [{"steps": p["steps"], "tokens": p["tokens"], "train_seconds": p["train_seconds"],
                            "param_sparsity": p["run"]["val_param_sparsity"], "ppl_routed": p["run"]["val_ppl_routed"],
                            "ppl_dense": p["run"]["val_ppl_dense"], "ratio": p["ratio"],
                            "shortgpt_blocks": p["run"]["shortgpt_blocks"], "ppl_shortgpt": p["run"]["val_ppl_shortgpt"],
@@ -526,6 +527,14 @@ def study_curve(a):
                           for p in points],
                "fit": fit, "missing": [n for n in steps if n not in {p["steps"] for p in points}], "failed": sorted(failed)}
     write_study(d, "learning_curve", "\n".join(lines), summary, figure)
+
+
+def wall_seconds(run_dir):
+    """A run's training wall time over all its sessions, from log.jsonl: each step logs the seconds since
+    its process's loop began (periodic validation included), so the time restarts where the run resumed."""
+    rows = map(json.loads, (Path(run_dir) / "log.jsonl").read_text().splitlines())
+    times = [r["time"] for r in rows if r["kind"] == "train"]
+    return sum(t for t, after in zip(times, times[1:] + [0.0]) if after < t)  # each session's last time
 
 
 def plot_curve(points, fit, path):

@@ -283,6 +283,10 @@ def test_curve_table_fit_and_resumable_training_commands(tmp_path, capsys, monke
         (d / f"steps{n}" / "summary.json").write_text(json.dumps(
             {"val_ppl_routed": 30 * ratio, "val_ppl_dense": 30.0, "val_ppl_shortgpt": 90.0, "shortgpt_blocks": 8,
              "val_param_sparsity": 0.25, "train_seconds": n}))
+        # the training time spans sessions: 400 steps in two, 250 s and 150 s (its log restarts at step 300)
+        times = [60.0 * i for i in range(n // 100)] if n < 400 else [50.0, 100.0, 250.0, 20.0, 150.0]
+        (d / f"steps{n}" / "log.jsonl").write_text("".join(json.dumps({"kind": "train", "time": t}) + "\n" + (
+            json.dumps({"kind": "val", "loss": 1.0}) + "\n" if i == 1 else "") for i, t in enumerate(times)))
         (d / f"steps{n}" / "config.json").write_text(json.dumps(
             {"settings": {"batch_size": 4, "block_size": 128, "gradient_accumulation_steps": 1}}))
         ev = {"ppl": {"lambada": 100.0, "shakespeare": 90.0}, "knowledge": 0.5}
@@ -294,7 +298,8 @@ def test_curve_table_fit_and_resumable_training_commands(tmp_path, capsys, monke
     assert [p["steps"] for p in out["points"]] == [100, 200, 400] and out["missing"] == []
     assert out["fit"]["exponent"] == pytest.approx(b, rel=1e-6) and out["fit"]["coefficient"] == pytest.approx(c, rel=1e-6)
     assert out["fit"]["ratio_at_paper_tokens"] == pytest.approx(1 + c * (10_000 * 16 * 4096) ** -b, rel=1e-6)
-    assert (d / "learning_curve.png").exists() and "| 400 | 204,800 |" in (d / "learning_curve.md").read_text()
+    assert (d / "learning_curve.png").exists() and "| 400 | 204,800 | 7 min |" in (d / "learning_curve.md").read_text()
+    assert [p["train_seconds"] for p in out["points"]] == [0.0, 60.0, 400.0]
     # a point whose run stopped resumes from its checkpoint; one never started starts
     jobs = []
     monkeypatch.setattr(experiments, "run_jobs", lambda js, n, log_dir: jobs.extend(js) or set())
