@@ -548,7 +548,8 @@ def plot_curve(points, fit, path):
     if fit is not None:
         xs = np.geomspace(tokens[0], tokens[-1] * 8, 50)
         a.plot(xs, [1 + fit["coefficient"] * x ** -fit["exponent"] for x in xs], ":", color="gray",
-               label=f"power-law fit (extrapolated beyond {tokens[-1]:,})")
+               label=f"power-law fit (extrapolated beyond {tokens[-1]:,}; at the paper's "
+                     f"{fit['paper_tokens'] / 1e6:.0f}M tokens: {fit['ratio_at_paper_tokens']:.2f}x)")
     a.set_xscale("log"), a.set_xlabel("stage-1 training tokens (log)"), a.set_ylabel("held-out perplexity / dense")
     b.plot(tokens, [100 * p["eval"]["knowledge"] for p in points], "o-", label="SkipGPT routed")
     b.plot(tokens, [100 * p["shortgpt"]["knowledge"] for p in points], "^--", label="ShortGPT at the same sparsity")
