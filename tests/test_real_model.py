@@ -53,14 +53,18 @@ def test_sample_cli_offline():
     assert "tokens/s" in p.stderr
 
 
-def test_committed_default_routers_give_their_known_continuation():
-    # pretrained/stage1-smollm2-135m was produced by `python train_stage1.py` (README); at its trained
-    # offset the routed model (masked and fast paths alike) continues this prompt as below
-    model = load(ROOT / "pretrained" / "stage1-smollm2-135m").eval()
-    assert model.router_cfg is not None and model.routing_offset != 0
-    for fast in (False, True):
-        routing = Routing(mode="hard", offset=model.routing_offset, fast=fast)
-        assert greedy(model, "The capital of France is", 12, routing) == " the capital of the United States.\n\nThe United States"
+def test_shipped_routers_give_their_known_continuations():
+    # pretrained/stage1-smollm2-135m holds the learning curve's 1,600-step routers; at its trained offset
+    # the routed model (masked and fast paths alike) continues this prompt as below. The default
+    # 100-step routers of the corpus before its rebalancing (runs/balance) did not know the answer.
+    shipped = load(ROOT / "pretrained" / "stage1-smollm2-135m").eval()
+    earlier = load(ROOT / "runs" / "balance" / "routers-earlier-corpus").eval()
+    for model, known in ((shipped, " Paris.\n\nThe French are known for their love of"),
+                         (earlier, " the capital of the United States.\n\nThe United States")):
+        assert model.router_cfg is not None and model.routing_offset != 0
+        for fast in (False, True):
+            routing = Routing(mode="hard", offset=model.routing_offset, fast=fast)
+            assert greedy(model, "The capital of France is", 12, routing) == known
 
 
 def test_dense_model_answers_every_knowledge_prompt(smollm2):
