@@ -5,7 +5,7 @@
     python experiments.py headline --stage1_iters 1600   # the same with 1,600 stage-1 steps, 1 seed (hours; resumes)
     python experiments.py ablations           # router kind, MLP router input, weighting, budget, K/V, joint, alpha; 3 seeds
     python experiments.py ablations --quick   # the same rows, 16 short steps each, ranked beside the full study (~8 min)
-    python experiments.py curve               # stage 1 at 25% for 100 ... 1,600 steps: the learning curve (hours; resumes)
+    python experiments.py curve               # stage 1 at 25% for 100 ... 3,200 steps: the learning curve (hours; resumes)
 
 Each study is a list of jobs: training runs (train_stage1.py, train_stage2.py) and evaluations
 (eval.py), run as subprocesses, --jobs at a time on one CPU thread each (on this 2-core machine,
@@ -449,7 +449,7 @@ def study_headline(a):
 # ----------------------------------------------------------------------------------------------
 # The learning curve: does the gap to dense close with more training tokens?
 
-CURVE_STEPS = (100, 200, 400, 800, 1600)
+CURVE_STEPS = (100, 200, 400, 800, 1600, 3200)
 CURVE_DIR = "runs/learning_curve"
 CURVE_PAPER_TOKENS = 10_000 * 16 * 4096  # the paper: 10,000 steps of 16 sequences of up to 4,096 tokens
 

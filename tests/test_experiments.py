@@ -306,6 +306,6 @@ def test_curve_table_fit_and_resumable_training_commands(tmp_path, capsys, monke
     (d / "steps800").mkdir()
     (d / "steps800" / "ckpt.pt").write_text("")
     experiments.main(["curve", "--out_dir", str(d)])  # (reports the three finished points again)
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["missing"] == [800, 1600]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["missing"] == [800, 1600, 3200]
     cmds = {j.name: j.cmd() if callable(j.cmd) else j.cmd for j in jobs if j.name.startswith("train-")}
     assert "--resume" in cmds["train-steps800"] and "--overwrite" in cmds["train-steps1600"]
