@@ -351,24 +351,22 @@ def study_headline(a):
     def tag(seed):  # the first seed keeps the plain names (out/stage1-t0.40, the README's commands)
         return "" if seed == FIRST_SEED else f"-seed{seed}"
 
-    def stage1_cmd(seed):  # a long run resumes from its checkpoint (every 50 steps), else starts over
-        run = runs / f"stage1-t{s}{tag(seed)}"
-        cmd = [PY, "train_stage1.py", "--target_sparsity", s, "--out_dir", str(run), "--threads", "1", "--seed", str(seed)]
-        if long_form:
-            cmd += ["--max_iters", str(a.stage1_iters), *(["--resume", "true"] if (run / "ckpt.pt").exists() else ["--overwrite", "true"])]
-        return cmd
+    def training(script, run, *flags):  # the long form: a run that stopped resumes from its checkpoint, else starts over
+        again = (["--resume", "true"] if (run / "ckpt.pt").exists() else ["--overwrite", "true"]) if long_form else []
+        return lambda: [PY, script, "--out_dir", str(run), "--threads", "1", *map(str, flags), *again]
 
     def skipgpt_jobs(seed):  # stage 1 at 40%, LoRA on it, its evaluation recalibrated to 40% on task-like text
-        t, flags = tag(seed), ["--threads", "1", "--seed", str(seed)]
+        t = tag(seed)
         stage1, stage2 = runs / f"stage1-t{s}{t}", runs / f"stage2-t{s}{t}"
-        return [Job(f"train-stage1{t}", lambda seed=seed: stage1_cmd(seed), stage1 / "summary.json"),
-                Job(f"train-stage2{t}", [PY, "train_stage2.py", "--init_from", str(stage1), "--out_dir", str(stage2), *flags],
+        steps = ["--max_iters", a.stage1_iters] if long_form else []
+        return [Job(f"train-stage1{t}", training("train_stage1.py", stage1, "--target_sparsity", s, "--seed", seed, *steps),
+                    stage1 / "summary.json"),
+                Job(f"train-stage2{t}", training("train_stage2.py", stage2, "--init_from", stage1, "--seed", seed),
                     stage2 / "summary.json", [f"train-stage1{t}"]),
                 Job(f"skipgpt+lora{t}", eval_cmd(d / f"skipgpt+lora{t}.json", "--model", stage2, "--sparsity", s, *limits),
                     d / f"skipgpt+lora{t}.json", [f"train-stage2{t}"])]
     shortgpt_run = runs / f"stage2-shortgpt{n_blocks}"
-    static = [Job("train-shortgpt+lora", [PY, "train_stage2.py", "--shortgpt", str(n_blocks), "--out_dir", str(shortgpt_run),
-                                          "--threads", "1"], shortgpt_run / "summary.json"),
+    static = [Job("train-shortgpt+lora", training("train_stage2.py", shortgpt_run, "--shortgpt", n_blocks), shortgpt_run / "summary.json"),
               Job("dense", eval_cmd(d / "dense.json", *limits), d / "dense.json"),
               Job("shortgpt+lora", eval_cmd(d / "shortgpt+lora.json", "--model", shortgpt_run, *limits),
                   d / "shortgpt+lora.json", ["train-shortgpt+lora"])]

@@ -137,14 +137,16 @@ def test_headline_commands_and_verdicts(tmp_path, monkeypatch, capsys):
     # resumable): a run with a checkpoint resumes, one without starts over
     seen.clear()
     long_dir = tmp_path / "long"
-    (long_dir / "stage1-t0.40").mkdir(parents=True)
-    (long_dir / "stage1-t0.40" / "ckpt.pt").write_bytes(b"")
+    for run in ("stage1-t0.40", "stage2-shortgpt4"):
+        (long_dir / run).mkdir(parents=True)
+        (long_dir / run / "ckpt.pt").write_bytes(b"")
     experiments.main(["headline", "--out_dir", str(long_dir), "--stage1_iters", "1600"])
     s1, s2, sg = seen["train-stage1"], seen["train-stage2"], seen["train-shortgpt+lora"]
     assert "train-stage1-seed1338" not in seen
     assert s1[s1.index("--max_iters") + 1] == "1600" and s1[s1.index("--resume") + 1] == "true"
     assert s1[s1.index("--out_dir") + 1] == s2[s2.index("--init_from") + 1] == str(long_dir / "stage1-t0.40")
-    assert sg[sg.index("--out_dir") + 1] == str(long_dir / "stage2-shortgpt4")
+    assert sg[sg.index("--out_dir") + 1] == str(long_dir / "stage2-shortgpt4") and "--resume" in sg
+    assert "--overwrite" in s2 and "--resume" not in s2  # (stage 2 has not started)
     assert "SkipGPT stage 1 (1,600 steps) + LoRA, 40%" in capsys.readouterr().out
     (long_dir / "stage1-t0.40" / "ckpt.pt").unlink()
     experiments.main(["headline", "--out_dir", str(long_dir), "--stage1_iters", "1600"])
