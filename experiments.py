@@ -160,6 +160,12 @@ def eval_cmd(out, *flags):
     return [PY, "eval.py", "--threads", "1", "--out", str(out), *map(str, flags)]
 
 
+def resume_or_start(run):
+    """The flags of a long study's training job: a run that stopped resumes from its last checkpoint,
+    one that never ran (or a stage-2 run whose optimizer state stayed on another machine) starts over."""
+    return ["--resume", "true"] if (Path(run) / "ckpt.pt").exists() else ["--overwrite", "true"]
+
+
 def read(path):
     return json.loads(Path(path).read_text())
 
@@ -351,9 +357,9 @@ def study_headline(a):
     def tag(seed):  # the first seed keeps the plain names (out/stage1-t0.40, the README's commands)
         return "" if seed == FIRST_SEED else f"-seed{seed}"
 
-    def training(script, run, *flags):  # the long form: a run that stopped resumes from its checkpoint, else starts over
-        again = (["--resume", "true"] if (run / "ckpt.pt").exists() else ["--overwrite", "true"]) if long_form else []
-        return lambda: [PY, script, "--out_dir", str(run), "--threads", "1", *map(str, flags), *again]
+    def training(script, run, *flags):  # (a command made when the job starts, after the runs it waits for)
+        return lambda: [PY, script, "--out_dir", str(run), "--threads", "1", *map(str, flags),
+                        *(resume_or_start(run) if long_form else [])]
 
     def skipgpt_jobs(seed):  # stage 1 at 40%, LoRA on it, its evaluation recalibrated to 40% on task-like text
         t = tag(seed)
@@ -456,10 +462,9 @@ def study_curve(a):
     d = Path(a.out_dir or CURVE_DIR)
     steps = [n for n in CURVE_STEPS if a.max_steps is None or n <= a.max_steps]
 
-    def train_cmd(n):  # resumes a run that stopped (its checkpoint), else starts it over
+    def train_cmd(n):
         run = d / f"steps{n}"
-        again = ["--resume", "true"] if (run / "ckpt.pt").exists() else ["--overwrite", "true"]
-        return [PY, "train_stage1.py", "--max_iters", str(n), "--out_dir", str(run), "--threads", "1", *again]
+        return [PY, "train_stage1.py", "--max_iters", str(n), "--out_dir", str(run), "--threads", "1", *resume_or_start(run)]
 
     def shortgpt_cmd(n):  # as many blocks removed as train_stage1.py matched to the run's sparsity
         blocks = read(d / f"steps{n}" / "summary.json")["shortgpt_blocks"]
