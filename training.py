@@ -158,6 +158,7 @@ def train(stage, s, explicit):
     done = start_iter  # the last whole step
     bar = tqdm(range(start_iter, s.max_iters), initial=start_iter, total=s.max_iters, desc=stage.NAME,
                disable=not master, dynamic_ncols=True)
+    sigint_before = hear_sigint()
     try:
         for it in bar:
             # every step draws from its own seed: a resumed run (on any number of processes) draws
@@ -202,6 +203,9 @@ def train(stage, s, explicit):
             print(f"\ninterrupted after step {done}; saved. Continue with: python {sys.argv[0]} --out_dir {out_dir} "
                   f"--resume true", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if sigint_before is not None:
+            signal.signal(signal.SIGINT, sigint_before)
     bar.close()
     train_time = time.time() - t0 - val_time  # training alone: tokens/s without the periodic validation
     if world > 1:  # every process leaves the loop before any tears its group down
@@ -318,6 +322,14 @@ def val_routing(model):
     if model.router_cfg is None:
         return None
     return lambda: Routing(mode="hard", offset=model.routing_offset, fast=True)  # the fast path: same result, less work
+
+
+def hear_sigint():
+    """A run started in the background (nohup, `&`) inherits an ignored SIGINT: listen anyway, so that
+    `kill -INT` stops it with a checkpoint as Ctrl-C does. -> the handler it replaced, or None."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        return None
+    return signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextlib.contextmanager

@@ -169,6 +169,27 @@ def test_ctrl_c_during_the_optimizer_step_is_taken_at_its_end(tiny, tmp_path, mo
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+def test_a_background_run_ignoring_sigint_still_stops_on_it_with_a_checkpoint(tiny, tmp_path, monkeypatch):
+    """nohup and `&` start a process with SIGINT ignored; kill -INT must still save and stop the run."""
+    import signal
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        calls, real_batch = {"n": 0}, training.get_batch
+
+        def batch_then_sigint(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                signal.raise_signal(signal.SIGINT)  # while step 2 draws its batch
+            return real_batch(*a, **k)
+        monkeypatch.setattr(training, "get_batch", batch_then_sigint)
+        with pytest.raises(SystemExit):
+            train_stage1.main(args_for(tiny, tmp_path / "run", "--max_iters", "4", "--calibrate", "false"))
+        assert json.loads((tmp_path / "run" / "config.json").read_text())["iter"] == 2
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # handed back as it was found
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_existing_run_is_not_overwritten(tiny, tmp_path):
     train_stage1.main(args_for(tiny, tmp_path / "run", "--max_iters", "1", "--calibrate", "false"))
     before = (tmp_path / "run" / "routers.safetensors").read_bytes()
