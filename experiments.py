@@ -160,10 +160,14 @@ def eval_cmd(out, *flags):
     return [PY, "eval.py", "--threads", "1", "--out", str(out), *map(str, flags)]
 
 
-def resume_or_start(run):
-    """The flags of a long study's training job: a run that stopped resumes from its last checkpoint,
-    one that never ran (or a stage-2 run whose optimizer state stayed on another machine) starts over."""
-    return ["--resume", "true"] if (Path(run) / "ckpt.pt").exists() else ["--overwrite", "true"]
+def training_cmd(script, run, *flags, resumable=True):
+    """A training job's command, made when the job starts (after the runs it waits for). A long study's
+    run resumes from its last checkpoint; one that never ran (or a stage-2 run whose optimizer state
+    stayed on another machine) starts over."""
+    def cmd():
+        again = (["--resume", "true"] if (Path(run) / "ckpt.pt").exists() else ["--overwrite", "true"]) if resumable else []
+        return [PY, script, "--out_dir", str(run), "--threads", "1", *map(str, flags), *again]
+    return cmd
 
 
 def read(path):
@@ -357,9 +361,8 @@ def study_headline(a):
     def tag(seed):  # the first seed keeps the plain names (out/stage1-t0.40, the README's commands)
         return "" if seed == FIRST_SEED else f"-seed{seed}"
 
-    def training(script, run, *flags):  # (a command made when the job starts, after the runs it waits for)
-        return lambda: [PY, script, "--out_dir", str(run), "--threads", "1", *map(str, flags),
-                        *(resume_or_start(run) if long_form else [])]
+    def training(script, run, *flags):  # only the long form resumes: its runs are tracked under runs/
+        return training_cmd(script, run, *flags, resumable=long_form)
 
     def skipgpt_jobs(seed):  # stage 1 at 40%, LoRA on it, its evaluation recalibrated to 40% on task-like text
         t = tag(seed)
@@ -462,17 +465,14 @@ def study_curve(a):
     d = Path(a.out_dir or CURVE_DIR)
     steps = [n for n in CURVE_STEPS if a.max_steps is None or n <= a.max_steps]
 
-    def train_cmd(n):
-        run = d / f"steps{n}"
-        return [PY, "train_stage1.py", "--max_iters", str(n), "--out_dir", str(run), "--threads", "1", *resume_or_start(run)]
-
     def shortgpt_cmd(n):  # as many blocks removed as train_stage1.py matched to the run's sparsity
         blocks = read(d / f"steps{n}" / "summary.json")["shortgpt_blocks"]
         return eval_cmd(d / f"shortgpt-steps{n}.json", "--shortgpt", blocks, "--tasks", "none")
 
     jobs = [Job("dense", eval_cmd(d / "dense.json", "--tasks", "none"), d / "dense.json")]
     for n in steps[-1:] + steps[:-1]:  # the longest first (it sets when the study ends), beside the others in order
-        jobs.append(Job(f"train-steps{n}", lambda n=n: train_cmd(n), d / f"steps{n}" / "summary.json"))
+        jobs.append(Job(f"train-steps{n}", training_cmd("train_stage1.py", d / f"steps{n}", "--max_iters", n),
+                        d / f"steps{n}" / "summary.json"))
         jobs.append(Job(f"eval-steps{n}", eval_cmd(d / f"eval-steps{n}.json", "--model", d / f"steps{n}", "--tasks", "none"),
                         d / f"eval-steps{n}.json", [f"train-steps{n}"]))
         jobs.append(Job(f"shortgpt-steps{n}", lambda n=n: shortgpt_cmd(n), d / f"shortgpt-steps{n}.json", [f"train-steps{n}"]))
