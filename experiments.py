@@ -561,8 +561,9 @@ def plot_curve(points, fit, path):
     per_step = points[0]["tokens"] / points[0]["steps"]
     for ax in (a, b):  # the whole planned range, so that a partial curve shows what is still to come
         ax.grid(alpha=0.3, which="both"), ax.set_xlim(min(CURVE_STEPS) * per_step / 1.5, max(CURVE_STEPS) * per_step * 1.5)
-    top = max(max(p["ratio"], p["shortgpt_ratio"]) for p in points)
-    a.set_ylim(0.9, 1 + (top - 1) * 1.6), a.legend(fontsize=7, loc="upper right")  # room above the lines for the legend
+    ratios = [r for p in points for r in (p["ratio"], p["shortgpt_ratio"])]
+    low, top = min(0.9, min(ratios) - 0.05), max(1.0, max(ratios))
+    a.set_ylim(low, low + (top - low) * 1.6), a.legend(fontsize=7, loc="upper right")  # room above the lines for the legend
     fig.suptitle("SmolLM2-135M, stage 1 at 25%: the gap to dense against training tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
